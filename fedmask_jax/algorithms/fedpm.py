@@ -1,0 +1,149 @@
+"""FedPM: federated probabilistic masks with Bayesian (Beta) aggregation (Isik et al., 2023).
+
+Clients train real scores s over frozen random weights with Adam; each uploads one binary
+mask m ~ Bernoulli(sigmoid(s)). The server smooths the masks (0 -> eps, 1 -> 1 - eps), adds
+them to a Beta(alpha, beta) posterior per entry and broadcasts the mode's logit. Defaults
+follow the authors' code (DESIGN section 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedmask_jax import masking
+from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, PyTree
+from fedmask_jax.models import count_entries
+
+
+@dataclasses.dataclass(frozen=True)
+class FedPMConfig:
+    client_lr: float = 0.1
+    epsilon: float = 0.01  # mask smoothing before aggregation
+    lambda0: float = 1.0  # Beta prior alpha = beta = lambda0
+    prior_reset_period: int = 1  # reset the prior every this many rounds (1 = reference)
+    persistent_optimizer: bool = False  # keep each client's Adam state across its rounds
+
+    def __post_init__(self):
+        if not 0.0 < self.epsilon < 0.5:
+            raise ValueError(f"--epsilon must be in (0, 0.5), got {self.epsilon}")
+        if self.lambda0 < 1.0:
+            raise ValueError(f"--lambda0 must be >= 1 (the Beta mode needs it), got {self.lambda0}")
+        if self.prior_reset_period < 1:
+            raise ValueError(
+                f"--prior_reset_period must be >= 1, got {self.prior_reset_period}"
+            )
+        if self.client_lr <= 0:
+            raise ValueError(f"--client_lr must be > 0, got {self.client_lr}")
+
+
+class FedPMServerState(NamedTuple):
+    frozen: PyTree  # the random weights, shared by everyone
+    scores: PyTree  # logit(theta_g), what is broadcast
+    alpha: PyTree
+    beta: PyTree
+    round: jax.Array
+
+
+class FedPMClientState(NamedTuple):
+    scores: PyTree
+    opt_state: optax.OptState
+
+
+def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> FederatedAlgorithm:
+    """Builds FedPM for a masked Flax ``model``; ``sample_x`` is one input batch for shapes."""
+    optimizer = optax.adam(config.client_lr)
+    thresholded = model.clone(mask_mode="threshold")
+
+    def init_variables(key):
+        k_scores, k_frozen, k_mask = jax.random.split(key, 3)
+        return model.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, sample_x)
+
+    shapes = jax.eval_shape(init_variables, jax.random.key(0))
+    num_params = count_entries(shapes["params"])
+
+    def server_init(key):
+        variables = init_variables(key)
+        scores = variables["params"]
+        full = lambda v: jax.tree.map(lambda s: jnp.full_like(s, v), scores)  # noqa: E731
+        return FedPMServerState(
+            frozen=variables["frozen"], scores=scores, alpha=full(config.lambda0),
+            beta=full(config.lambda0), round=jnp.zeros((), jnp.int32),
+        )
+
+    def persistent_init():
+        if not config.persistent_optimizer:
+            return ()
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"])
+        return optimizer.init(zeros)
+
+    def client_init(server, persistent):
+        opt_state = persistent if config.persistent_optimizer else optimizer.init(server.scores)
+        return FedPMClientState(server.scores, opt_state)
+
+    def loss_fn(scores, frozen, batch: Batch, key):
+        logits = model.apply({"params": scores, "frozen": frozen}, batch.x, rngs={"mask": key})
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
+        return jnp.sum(ce * batch.mask) / jnp.maximum(jnp.sum(batch.mask), 1.0)
+
+    def client_step(server, state: FedPMClientState, batch: Batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(state.scores, server.frozen, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.scores)
+        return FedPMClientState(optax.apply_updates(state.scores, updates), opt_state), loss
+
+    def client_finish(server, state: FedPMClientState, persistent, num_examples, key):
+        leaves, treedef = jax.tree.flatten(state.scores)
+        keys = jax.random.split(key, len(leaves))
+        masks = [
+            jax.random.bernoulli(k, jax.nn.sigmoid(s)).astype(jnp.float32)
+            for k, s in zip(keys, leaves)
+        ]
+        ones = sum(jnp.sum(m) for m in masks)
+        metrics = {
+            "uplink_bits": masking.mask_bits(ones, num_params),
+            "mask_density": ones / num_params,
+        }
+        kept = state.opt_state if config.persistent_optimizer else persistent
+        return ClientResult(jax.tree.unflatten(treedef, masks), kept, metrics)
+
+    def server_update(server: FedPMServerState, mask_counts, num_clients):
+        k = num_clients.astype(jnp.float32)
+        reset = server.round % config.prior_reset_period == 0
+        prior = lambda p: jnp.where(reset, config.lambda0, p)  # noqa: E731
+        # sum_k v_k of the smoothed masks, from the count of ones among the K masks
+        ones = jax.tree.map(
+            lambda c: (1.0 - 2.0 * config.epsilon) * c + config.epsilon * k, mask_counts
+        )
+        alpha = jax.tree.map(lambda a, s: prior(a) + s, server.alpha, ones)
+        beta = jax.tree.map(lambda b, s: prior(b) + (k - s), server.beta, ones)
+        theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
+        scores = jax.tree.map(lambda t: jnp.log(t) - jnp.log1p(-t), theta)
+        return server._replace(scores=scores, alpha=alpha, beta=beta, round=server.round + 1)
+
+    def evaluate(server: FedPMServerState, batch: Batch, key):
+        variables = {"params": server.scores, "frozen": server.frozen}
+        logits = model.apply(variables, batch.x, rngs={"mask": key})
+        logits_thr = thresholded.apply(variables, batch.x)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
+        hit = lambda lg: jnp.sum((jnp.argmax(lg, -1) == batch.y) * batch.mask)  # noqa: E731
+        return {
+            "test_loss": jnp.sum(ce * batch.mask),
+            "test_accuracy": hit(logits),
+            "test_accuracy_thresholded": hit(logits_thr),
+        }
+
+    return FederatedAlgorithm(
+        name="fedpm", server_init=server_init, persistent_init=persistent_init,
+        client_init=client_init, client_step=client_step, client_finish=client_finish,
+        server_update=server_update, evaluate=evaluate, num_params=num_params,
+    )
+
+
+def theta(server: FedPMServerState) -> PyTree:
+    """The global keep-probabilities sigmoid(scores)."""
+    return jax.tree.map(jax.nn.sigmoid, server.scores)

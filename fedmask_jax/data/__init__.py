@@ -1,0 +1,7 @@
+"""Datasets (TFDS array_record builders over the original archives) and client partitions."""
+
+from fedmask_jax.data.archives import DataError
+from fedmask_jax.data.datasets import DATASETS, Dataset, load_dataset
+from fedmask_jax.data.partition import SPLITS, partition
+
+__all__ = ["DATASETS", "DataError", "Dataset", "SPLITS", "load_dataset", "partition"]

@@ -1,0 +1,208 @@
+"""Flax models: masked (frozen weights + trainable scores) and dense twins of each architecture.
+
+Masked layers keep two collections apart:
+
+* ``"frozen"`` -- the random weights and biases, never trained, identical for every client
+  (they come from one PRNG seed), so they are broadcast, not copied, to the cohort;
+* ``"params"`` -- one real score per frozen entry, the only thing the optimizer sees.
+
+Each forward call in ``"sample"`` mode draws one Bernoulli mask per layer from the ``"mask"``
+RNG stream, shared by the whole batch, as the reference does.
+
+Dense twins (``masked=False``) use the same architecture with ordinary trainable weights, for
+the baselines that train weights rather than masks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedmask_jax import masking
+
+WEIGHT_INITS = ("signed_constant", "signed_kaiming")
+MODELS = ("mlp", "conv4", "conv6", "conv10")
+
+# (conv widths, a 2x2 max-pool after every second conv) -- DESIGN section 2.
+_CONV_WIDTHS = {
+    "conv4": (64, 64, 128, 128),
+    "conv6": (64, 64, 128, 128, 256, 256),
+    "conv10": (64, 64, 128, 128, 256, 256, 512, 512, 1024, 1024),
+}
+_CONV_DENSE = (256, 256)
+
+
+def signed_constant_scale(fan_in: int, scheme: str) -> float:
+    """The magnitude c of the frozen +-c entries for a layer with this fan-in."""
+    if scheme == "signed_constant":  # the authors' code: e * sqrt(1 / fan_in)
+        return math.e * math.sqrt(1.0 / fan_in)
+    if scheme == "signed_kaiming":  # the supermask literature: sqrt(2 / fan_in)
+        return math.sqrt(2.0 / fan_in)
+    raise ValueError(f"unknown weight_init {scheme!r}; expected one of {WEIGHT_INITS}")
+
+
+def _signed_constant(key: jax.Array, shape: Sequence[int], scale: float) -> jax.Array:
+    signs = jax.random.bernoulli(key, 0.5, shape)
+    return jnp.where(signs, scale, -scale).astype(jnp.float32)
+
+
+class _MaskedLayer(nn.Module):
+    """Shared machinery: frozen +-c weight and bias, N(0,1) scores, one mask per call."""
+
+    weight_init: str = "signed_constant"
+    mask_mode: str = "sample"
+    mask_gradient: str = "reference"
+
+    def _masked(self, name: str, shape: Sequence[int], fan_in: int) -> jax.Array:
+        scale = signed_constant_scale(fan_in, self.weight_init)
+        frozen = self.variable(
+            "frozen", name, lambda: _signed_constant(self.make_rng("frozen"), shape, scale)
+        ).value
+        scores = self.param(name, nn.initializers.normal(1.0), tuple(shape), jnp.float32)
+        if self.mask_mode == "sample":
+            mask = masking.sample_mask(scores, self.make_rng("mask"), self.mask_gradient)
+        elif self.mask_mode == "threshold":
+            mask = masking.threshold_mask(scores)
+        elif self.mask_mode == "expected":
+            mask = jax.nn.sigmoid(scores)
+        else:
+            raise ValueError(f"unknown mask_mode {self.mask_mode!r}; expected {masking.MASK_MODES}")
+        return frozen * mask
+
+
+class MaskedDense(_MaskedLayer):
+    features: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        kernel = self._masked("kernel", (fan_in, self.features), fan_in)
+        bias = self._masked("bias", (self.features,), fan_in)
+        return x @ kernel + bias
+
+
+class MaskedConv(_MaskedLayer):
+    """3x3 'same' convolution, NHWC."""
+
+    features: int = 0
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c_in = self.kernel_size, x.shape[-1]
+        fan_in = k * k * c_in
+        kernel = self._masked("kernel", (k, k, c_in, self.features), fan_in)
+        bias = self._masked("bias", (self.features,), fan_in)
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y + bias
+
+
+def normalize_images(x: jax.Array) -> jax.Array:
+    """uint8 pixels -> [0, 1] -> mean 0.5, std 0.5, as the reference's transforms."""
+    return (x.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def _scaled(width: int, multiplier: float) -> int:
+    return max(1, int(round(width * multiplier)))
+
+
+class MLP(nn.Module):
+    """Fully connected net, e.g. 784-300-100-10."""
+
+    num_classes: int
+    hidden: Sequence[int] = (300, 100)
+    width: float = 1.0
+    masked: bool = True
+    weight_init: str = "signed_constant"
+    mask_mode: str = "sample"
+    mask_gradient: str = "reference"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = normalize_images(x).reshape(x.shape[0], -1)
+        for h in self.hidden:
+            x = nn.relu(self._dense(_scaled(h, self.width))(x))
+        return self._dense(self.num_classes)(x)
+
+    def _dense(self, features: int) -> nn.Module:
+        if self.masked:
+            return MaskedDense(
+                features=features,
+                weight_init=self.weight_init,
+                mask_mode=self.mask_mode,
+                mask_gradient=self.mask_gradient,
+            )
+        return nn.Dense(features)
+
+
+class ConvNet(nn.Module):
+    """Conv4/6/10: 3x3 convs + ReLU, 2x2 max-pool after every second conv, FC 256-256-out."""
+
+    num_classes: int
+    conv_widths: Sequence[int] = _CONV_WIDTHS["conv4"]
+    dense_widths: Sequence[int] = _CONV_DENSE
+    width: float = 1.0
+    masked: bool = True
+    weight_init: str = "signed_constant"
+    mask_mode: str = "sample"
+    mask_gradient: str = "reference"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = normalize_images(x)
+        for i, w in enumerate(self.conv_widths):
+            x = nn.relu(self._layer(MaskedConv, nn.Conv, _scaled(w, self.width), conv=True)(x))
+            if i % 2 == 1:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        for w in self.dense_widths:
+            x = nn.relu(self._layer(MaskedDense, nn.Dense, _scaled(w, self.width))(x))
+        return self._layer(MaskedDense, nn.Dense, self.num_classes)(x)
+
+    def _layer(self, masked_cls, dense_cls, features: int, conv: bool = False) -> nn.Module:
+        if self.masked:
+            return masked_cls(
+                features=features,
+                weight_init=self.weight_init,
+                mask_mode=self.mask_mode,
+                mask_gradient=self.mask_gradient,
+            )
+        if conv:
+            return dense_cls(features, (3, 3), padding="SAME")
+        return dense_cls(features)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    mlp_hidden: Sequence[int] = (300, 100),
+    masked: bool = True,
+    weight_init: str = "signed_constant",
+    mask_gradient: str = "reference",
+) -> nn.Module:
+    """Builds an architecture by name ("mlp", "conv4", "conv6", "conv10")."""
+    common = dict(
+        num_classes=num_classes, width=width, masked=masked, weight_init=weight_init,
+        mask_gradient=mask_gradient,
+    )
+    if name == "mlp":
+        return MLP(hidden=tuple(mlp_hidden), **common)
+    if name in _CONV_WIDTHS:
+        return ConvNet(conv_widths=_CONV_WIDTHS[name], **common)
+    raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+
+
+def is_conv(name: str) -> bool:
+    return name in _CONV_WIDTHS
+
+
+def count_entries(tree) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))

@@ -1,0 +1,78 @@
+"""Run outputs: per-round JSONL, summary JSON, console progress. Writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from typing import Any, TextIO
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes JSON to a temp file in the same folder, then renames it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def ensure_writable_dir(path: str, flag: str = "--workdir") -> str:
+    """Creates ``path`` if needed and proves it is writable, or fails with one message."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag}={path} is not a writable folder ({e.strerror}); "
+                         "choose another folder") from e
+    return path
+
+
+class MetricsLog:
+    """Appends one JSON object per line; each line is flushed so a crash loses at most it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "w")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def progress_line(record: dict, total_rounds: int, eta_s: float, out: TextIO = sys.stdout) -> None:
+    parts = [f"round {record['round']:>4}/{total_rounds}"]
+    if "test_accuracy" in record:
+        parts.append(f"acc {record['test_accuracy']:.4f} (thr {record['test_accuracy_thresholded']:.4f})")
+        parts.append(f"test loss {record['test_loss']:.3f}")
+    parts.append(f"train loss {record['train_loss']:.3f}")
+    parts.append(f"bpp {record['uplink_bpp']:.3f}")
+    if "mask_density" in record:
+        parts.append(f"density {record['mask_density']:.3f}")
+    parts.append(f"{record['round_time_s']:.2f}s/round")
+    parts.append(f"ETA {format_eta(eta_s)}")
+    print(" | ".join(parts), file=out, flush=True)

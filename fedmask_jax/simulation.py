@@ -1,0 +1,250 @@
+"""A whole federated run: validate the config, load and split data, run rounds, write results.
+
+Data flows one way: dataset -> partition -> ClientData on the device -> jitted rounds ->
+metrics -> sinks (console, metrics.jsonl, summary.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmask_jax import engine, masking, models, outputs
+from fedmask_jax.algorithms import fedpm as fedpm_lib
+from fedmask_jax.data import DATASETS, SPLITS, load_dataset, partition
+
+ALGORITHMS = ("fedpm",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; the absl flags of ``experiments.run`` map onto it."""
+
+    dataset: str = "fashion_mnist"
+    model: str = "mlp"
+    width: float = 1.0
+    mlp_hidden: tuple[int, ...] = (300, 100)
+    algorithm: str = "fedpm"
+    num_clients: int = 10
+    clients_per_round: int = 10
+    rounds: int = 10
+    local_epochs: int = 3
+    batch_size: int = 128
+    client_lr: float = 0.1
+    split: str = "iid"
+    classes_per_client: int = 2
+    dirichlet_alpha: float = 0.5
+    max_examples_per_client: int = 0  # 0 = no cap
+    seed: int = 0
+    workdir: str = "runs/default"
+    eval_every: int = 1
+    eval_batch_size: int = 128
+    prior_reset_period: int = 1
+    lambda0: float = 1.0
+    epsilon: float = 0.01
+    weight_init: str = "signed_constant"
+    mask_gradient: str = "reference"
+    persistent_client_optimizer: bool = False
+    client_chunk_size: int = 0  # 0 = chosen per backend
+    data_dir: str | None = None
+    archive_dir: str | None = None
+    download: bool = True
+    verbose: bool = True
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Rejects a bad config before any data is read or anything is compiled."""
+    _check(cfg.dataset in DATASETS, f"--dataset={cfg.dataset!r} is unknown; allowed: {', '.join(DATASETS)}")
+    _check(cfg.model in models.MODELS, f"--model={cfg.model!r} is unknown; allowed: {', '.join(models.MODELS)}")
+    _check(cfg.algorithm in ALGORITHMS, f"--algorithm={cfg.algorithm!r} is unknown; allowed: {', '.join(ALGORITHMS)}")
+    _check(cfg.split in SPLITS, f"--split={cfg.split!r} is unknown; allowed: {', '.join(SPLITS)}")
+    _check(cfg.weight_init in models.WEIGHT_INITS,
+           f"--weight_init={cfg.weight_init!r} is unknown; allowed: {', '.join(models.WEIGHT_INITS)}")
+    _check(cfg.mask_gradient in masking.GRADIENTS,
+           f"--mask_gradient={cfg.mask_gradient!r} is unknown; allowed: {', '.join(masking.GRADIENTS)}")
+    _check(cfg.num_clients >= 1, f"--num_clients must be >= 1, got {cfg.num_clients}")
+    _check(1 <= cfg.clients_per_round <= cfg.num_clients,
+           f"--clients_per_round must be between 1 and --num_clients={cfg.num_clients}, "
+           f"got {cfg.clients_per_round}")
+    _check(cfg.rounds >= 1, f"--rounds must be >= 1, got {cfg.rounds}")
+    _check(cfg.local_epochs >= 1, f"--local_epochs must be >= 1, got {cfg.local_epochs}")
+    _check(cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}")
+    _check(cfg.eval_every >= 1, f"--eval_every must be >= 1, got {cfg.eval_every}")
+    _check(cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
+    _check(cfg.width > 0, f"--width must be > 0, got {cfg.width}")
+    _check(all(h >= 1 for h in cfg.mlp_hidden), f"--mlp_hidden must be positive, got {cfg.mlp_hidden}")
+    _check(cfg.dirichlet_alpha > 0, f"--dirichlet_alpha must be > 0, got {cfg.dirichlet_alpha}")
+    _check(cfg.classes_per_client >= 1, f"--classes_per_client must be >= 1, got {cfg.classes_per_client}")
+    _check(cfg.max_examples_per_client >= 0,
+           f"--max_examples_per_client must be >= 0 (0 = no cap), got {cfg.max_examples_per_client}")
+    _check(cfg.client_chunk_size >= 0, f"--client_chunk_size must be >= 0 (0 = auto), got {cfg.client_chunk_size}")
+    _fedpm_config(cfg)  # raises on bad epsilon / lambda0 / reset period / lr
+
+
+def _fedpm_config(cfg: RunConfig) -> fedpm_lib.FedPMConfig:
+    return fedpm_lib.FedPMConfig(
+        client_lr=cfg.client_lr, epsilon=cfg.epsilon, lambda0=cfg.lambda0,
+        prior_reset_period=cfg.prior_reset_period,
+        persistent_optimizer=cfg.persistent_client_optimizer,
+    )
+
+
+def _validate_partition(cfg: RunConfig, parts: Sequence[np.ndarray]) -> None:
+    sizes = np.array([len(p) for p in parts])
+    _check(sizes.min() >= 1,
+           f"{int((sizes == 0).sum())} of --num_clients={cfg.num_clients} clients got no data "
+           f"under --split={cfg.split}; lower --num_clients or change the split")
+    _check(cfg.batch_size <= sizes.max(),
+           f"--batch_size={cfg.batch_size} is larger than every client's data (largest client: "
+           f"{sizes.max()} examples); lower --batch_size or give clients more data")
+
+
+class Simulation:
+    """Builds everything a run needs; ``run()`` executes it and writes the outputs."""
+
+    def __init__(self, cfg: RunConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self.workdir = outputs.ensure_writable_dir(cfg.workdir)
+        archive_dirs = [cfg.archive_dir] if cfg.archive_dir else []
+        self.dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir,
+                                    archive_dirs=archive_dirs, download=cfg.download)
+        self.partition = partition(
+            self.dataset.y_train, cfg.num_clients, cfg.split, seed=cfg.seed,
+            classes_per_client=cfg.classes_per_client, dirichlet_alpha=cfg.dirichlet_alpha,
+            max_examples_per_client=cfg.max_examples_per_client or None)
+        _validate_partition(cfg, self.partition)
+
+        self.model = models.build_model(
+            cfg.model, self.dataset.num_classes, width=cfg.width, mlp_hidden=cfg.mlp_hidden,
+            weight_init=cfg.weight_init, mask_gradient=cfg.mask_gradient)
+        sample_x = jnp.zeros((1, *self.dataset.input_shape), jnp.uint8)
+        self.algorithm = fedpm_lib.fedpm(self.model, sample_x, _fedpm_config(cfg))
+
+        chunk = cfg.client_chunk_size or engine.auto_chunk_size(
+            cfg.clients_per_round, self.algorithm.num_params, conv=models.is_conv(cfg.model),
+            backend=jax.default_backend())
+        self.engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk)
+        self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config)
+        self.eval_fn = engine.make_eval_fn(self.algorithm, cfg.eval_batch_size)
+
+        self.data = engine.client_data_from_partition(
+            self.dataset.x_train, self.dataset.y_train, self.partition)
+        self.x_test = jnp.asarray(self.dataset.x_test)
+        self.y_test = jnp.asarray(self.dataset.y_test, jnp.int32)
+        root = jax.random.key(cfg.seed)
+        self._round_root = jax.random.fold_in(root, 1)
+        self._eval_root = jax.random.fold_in(root, 2)
+        self.server = self.algorithm.server_init(jax.random.fold_in(root, 0))
+        self.store = engine.init_store(self.algorithm, cfg.num_clients)
+
+    def _cohort(self, r: int):
+        cohort = engine.sample_cohort(self.cfg.seed, r, self.cfg.num_clients, self.cfg.clients_per_round)
+        ids, valid = engine.pad_cohort(cohort, self.engine_config.client_chunk_size)
+        return jnp.asarray(ids), jnp.asarray(valid)
+
+    def compile(self) -> float:
+        """Compiles the round and evaluation ahead of time; returns the seconds it took."""
+        t0 = time.perf_counter()
+        ids, valid = self._cohort(0)
+        key = jax.random.fold_in(self._round_root, 0)
+        self._round = self.round_fn.lower(self.server, self.store, self.data, ids, valid, key).compile()
+        self._eval = self.eval_fn.lower(self.server, self.x_test, self.y_test, key).compile()
+        return time.perf_counter() - t0
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        compile_s = self.compile()
+        log = outputs.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"))
+        if cfg.verbose:
+            print(f"fedmask_jax: {cfg.algorithm} {cfg.model} on {cfg.dataset} "
+                  f"({self.algorithm.num_params:,} mask entries), {cfg.clients_per_round} of "
+                  f"{cfg.num_clients} clients/round, chunk {self.engine_config.client_chunk_size}, "
+                  f"backend {jax.default_backend()}; compiled in {compile_s:.1f}s", flush=True)
+        round_times, bpps, last_eval = [], [], {}
+        for r in range(cfg.rounds):
+            ids, valid = self._cohort(r)
+            t0 = time.perf_counter()
+            self.server, self.store, metrics = self._round(
+                self.server, self.store, self.data, ids, valid, jax.random.fold_in(self._round_root, r))
+            metrics = jax.device_get(metrics)
+            round_time = time.perf_counter() - t0
+            round_times.append(round_time)
+            bpp = float(metrics["uplink_bits"]) / self.algorithm.num_params
+            bpps.append(bpp)
+            record = {"round": r + 1, "round_time_s": round_time, "uplink_bpp": bpp,
+                      "train_loss": float(metrics["train_loss"]),
+                      "mask_density": float(metrics["mask_density"])}
+            if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+                t_eval = time.perf_counter()
+                ev = jax.device_get(self._eval(self.server, self.x_test, self.y_test,
+                                               jax.random.fold_in(self._eval_root, r)))
+                last_eval = {k: float(v) for k, v in ev.items()}
+                record.update(last_eval, eval_time_s=time.perf_counter() - t_eval,
+                              elapsed_s=time.perf_counter() - t_start)
+                log.write(record)
+            if cfg.verbose:
+                eta = statistics.median(round_times) * (cfg.rounds - r - 1)
+                outputs.progress_line(record, cfg.rounds, eta)
+        log.close()
+
+        summary = {
+            "final_test_accuracy": last_eval["test_accuracy"],
+            "final_test_accuracy_thresholded": last_eval["test_accuracy_thresholded"],
+            "final_test_loss": last_eval["test_loss"],
+            "mean_uplink_bpp": float(np.mean(bpps)),
+            **self.final_model_bpp(),
+            "rounds": cfg.rounds,
+            "clients_per_round": cfg.clients_per_round,
+            "num_clients": cfg.num_clients,
+            "dataset": cfg.dataset,
+            "model": cfg.model,
+            "algorithm": cfg.algorithm,
+            "num_params": self.algorithm.num_params,
+            "seed": cfg.seed,
+            "client_chunk_size": self.engine_config.client_chunk_size,
+            "backend": jax.default_backend(),
+            "compile_time_s": compile_s,
+            "first_round_time_s": round_times[0],
+            "steady_round_time_s": statistics.median(round_times[1:] or round_times),
+            "total_time_s": time.perf_counter() - t_start,
+            "config": dataclasses.asdict(cfg),
+        }
+        outputs.write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
+        if cfg.verbose:
+            print(f"done: test accuracy {summary['final_test_accuracy']:.4f} (thresholded "
+                  f"{summary['final_test_accuracy_thresholded']:.4f}), mean uplink "
+                  f"{summary['mean_uplink_bpp']:.4f} bpp, final model "
+                  f"{summary['final_model_bpp']:.4f} bpp; {summary['total_time_s']:.1f}s total, "
+                  f"{summary['steady_round_time_s']:.2f}s/round; results in {self.workdir}",
+                  flush=True)
+        return summary
+
+    def final_model_bpp(self) -> dict:
+        """Ideal size of the final model's mask (seed + one binary mask), in bits per entry."""
+        n = self.algorithm.num_params
+        theta = jax.tree.leaves(fedpm_lib.theta(self.server))
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed), 3)
+        sampled = sum(float(jnp.sum(jax.random.bernoulli(jax.random.fold_in(key, i), t)))
+                      for i, t in enumerate(theta))
+        thresholded = sum(float(jnp.sum(t > 0.5)) for t in theta)
+        bits = lambda ones: float(masking.mask_bits(jnp.float32(ones), n)) / n  # noqa: E731
+        return {"final_model_bpp": bits(sampled), "final_model_bpp_thresholded": bits(thresholded)}
+
+
+def run(cfg: RunConfig) -> dict:
+    """Runs ``cfg`` end to end and returns the summary (also written to the workdir)."""
+    return Simulation(cfg).run()
