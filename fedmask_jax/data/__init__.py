@@ -2,6 +2,6 @@
 
 from fedmask_jax.data.archives import DataError
 from fedmask_jax.data.datasets import DATASETS, Dataset, load_dataset
-from fedmask_jax.data.partition import SPLITS, partition
+from fedmask_jax.data.splits import SPLITS, partition
 
 __all__ = ["DATASETS", "DataError", "Dataset", "SPLITS", "load_dataset", "partition"]

@@ -1,0 +1,100 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedmask_jax import engine
+from tests.helpers import digits, digits_client_data, small_fedpm
+
+
+def _run_round(alg, data, cohort, chunk, key=jax.random.key(7), store=None, epochs=2):
+    cfg = engine.EngineConfig(batch_size=64, local_epochs=epochs, client_chunk_size=chunk)
+    ids, valid = engine.pad_cohort(np.asarray(cohort, np.int32), chunk)
+    server = alg.server_init(jax.random.key(0))
+    if store is None:
+        store = engine.init_store(alg, data.index.shape[0])
+    return engine.make_round_fn(alg, cfg)(server, store, data, jnp.asarray(ids), jnp.asarray(valid), key)
+
+
+def _assert_trees_close(a, b, **tol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol), a, b)
+
+
+def test_padded_client_matches_unpadded_client():
+    ds = digits()
+    rows = np.arange(150)
+    alone = engine.client_data_from_partition(ds.x_train, ds.y_train, [rows])
+    # Same client 0, but a second, larger client forces padding of client 0's row and steps.
+    padded = engine.client_data_from_partition(ds.x_train, ds.y_train, [rows, np.arange(150, 700)])
+    assert padded.index.shape[1] > alone.index.shape[1]
+    alg = small_fedpm()
+    s1, _, m1 = _run_round(alg, alone, [0], chunk=1)
+    s2, _, m2 = _run_round(alg, padded, [0], chunk=1)
+    _assert_trees_close(s1.scores, s2.scores, rtol=0, atol=1e-6)
+    for name in m1:
+        assert float(m1[name]) == pytest.approx(float(m2[name]), rel=1e-6), name
+
+
+def test_chunk_size_does_not_change_the_round():
+    data, _ = digits_client_data(num_clients=4)
+    alg = small_fedpm()
+    results = [_run_round(alg, data, [0, 1, 2, 3], chunk=c) for c in (1, 3, 4)]
+    for server, _, metrics in results[1:]:
+        _assert_trees_close(results[0][0].scores, server.scores, rtol=1e-5, atol=1e-5)
+        for name in metrics:
+            assert float(metrics[name]) == pytest.approx(float(results[0][2][name]), rel=1e-5)
+
+
+def test_persistent_optimizer_state_is_kept_only_for_sampled_clients():
+    data, parts = digits_client_data(num_clients=4)
+    alg = small_fedpm(persistent_optimizer=True)
+    _, store, _ = _run_round(alg, data, [1, 3], chunk=2, epochs=1)
+    counts = np.asarray(store[0].count)
+    steps = [-(-len(p) // 64) for p in parts]
+    assert counts.tolist() == [0, steps[1], 0, steps[3]]
+    # A fresh optimizer keeps nothing.
+    _, store, _ = _run_round(small_fedpm(), data, [1, 3], chunk=2, epochs=1)
+    assert store == ()
+
+
+def test_round_reduces_training_loss():
+    data, _ = digits_client_data(num_clients=4)
+    alg = small_fedpm()
+    cfg = engine.EngineConfig(batch_size=64, local_epochs=1, client_chunk_size=4)
+    round_fn = engine.make_round_fn(alg, cfg)
+    server, store = alg.server_init(jax.random.key(0)), ()
+    ids, valid = engine.pad_cohort(np.arange(4, dtype=np.int32), 4)
+    losses = []
+    for r in range(4):
+        server, store, m = round_fn(server, store, data, ids, valid, jax.random.key(r))
+        losses.append(float(m["train_loss"]))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_cohort_sampling_without_replacement_keyed_by_seed_and_round():
+    a = engine.sample_cohort(3, 5, 100, 30)
+    assert len(set(a.tolist())) == 30 and a.min() >= 0 and a.max() < 100
+    np.testing.assert_array_equal(a, engine.sample_cohort(3, 5, 100, 30))
+    assert not np.array_equal(a, engine.sample_cohort(3, 6, 100, 30))
+    assert not np.array_equal(a, engine.sample_cohort(4, 5, 100, 30))
+
+
+def test_pad_cohort_marks_padding_invalid():
+    ids, valid = engine.pad_cohort(np.array([4, 7, 9], np.int32), 2)
+    assert ids.tolist() == [4, 7, 9, 0] and valid.tolist() == [1, 1, 1, 0]
+
+
+def test_padding_clients_do_not_count():
+    data, _ = digits_client_data(num_clients=4)
+    alg = small_fedpm()
+    s3, _, m3 = _run_round(alg, data, [0, 1, 2], chunk=3)
+    s2, _, m2 = _run_round(alg, data, [0, 1, 2], chunk=2)  # padded to 4 with a dummy client
+    _assert_trees_close(s3.scores, s2.scores, rtol=1e-5, atol=1e-5)
+    assert float(m2["train_loss"]) == pytest.approx(float(m3["train_loss"]), rel=1e-5)
+
+
+def test_auto_chunk_size():
+    assert engine.auto_chunk_size(10, 2_000_000, conv=True, backend="cpu") == 1
+    assert engine.auto_chunk_size(10, 266_610, conv=False, backend="cpu") == 10
+    big = engine.auto_chunk_size(1000, 266_610, conv=False, backend="cpu")
+    assert 1 <= big < 1000 and 8 * 4 * 266_610 * big <= 2e9

@@ -1,0 +1,74 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedmask_jax import models
+
+RNGS = {"params": jax.random.key(0), "frozen": jax.random.key(1), "mask": jax.random.key(2)}
+
+
+@pytest.mark.parametrize("name,shape,classes,entries", [
+    ("conv4", (28, 28, 1), 10, 1_933_258),
+    ("conv6", (32, 32, 3), 10, 2_262_602),
+    ("conv10", (32, 32, 3), 100, 19_197_092),
+    ("mlp", (28, 28, 1), 10, 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10),
+])
+def test_mask_entry_counts_match_design(name, shape, classes, entries):
+    model = models.build_model(name, classes)
+    v = jax.eval_shape(lambda: model.init(RNGS, jnp.zeros((1, *shape), jnp.uint8)))
+    assert models.count_entries(v["params"]) == entries
+    assert models.count_entries(v["frozen"]) == entries
+
+
+def test_emnist_balanced_has_47_outputs_and_width_scales():
+    model = models.build_model("conv4", 47, width=0.5)
+    x = jnp.zeros((2, 28, 28, 1), jnp.uint8)
+    v = model.init(RNGS, x)
+    assert model.apply(v, x, rngs={"mask": jax.random.key(3)}).shape == (2, 47)
+    assert v["params"]["MaskedConv_0"]["kernel"].shape == (3, 3, 1, 32)
+
+
+@pytest.mark.parametrize("scheme,scale", [
+    ("signed_constant", lambda f: math.e * math.sqrt(1 / f)),
+    ("signed_kaiming", lambda f: math.sqrt(2 / f)),
+])
+def test_frozen_weights_are_signed_constants(scheme, scale):
+    model = models.build_model("conv4", 10, weight_init=scheme)
+    v = model.init(RNGS, jnp.zeros((1, 28, 28, 1), jnp.uint8))
+    conv = v["frozen"]["MaskedConv_1"]  # 3x3x64 -> 64: fan_in 576
+    c = scale(576)
+    for leaf in (conv["kernel"], conv["bias"]):
+        np.testing.assert_allclose(np.abs(leaf), c, rtol=1e-6)
+    assert 0.45 < float((conv["kernel"] > 0).mean()) < 0.55
+    scores = v["params"]["MaskedConv_1"]["kernel"]
+    assert abs(float(scores.mean())) < 0.05 and abs(float(scores.std()) - 1) < 0.05
+
+
+def test_frozen_weights_reproducible_from_seed():
+    model = models.build_model("mlp", 10)
+    x = jnp.zeros((1, 8, 8, 1), jnp.uint8)
+    a = model.init(RNGS, x)["frozen"]
+    b = model.init(dict(RNGS, params=jax.random.key(9)), x)["frozen"]
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_dense_twin_has_trainable_weights_only():
+    model = models.build_model("conv4", 10, masked=False)
+    v = model.init(RNGS, jnp.zeros((1, 28, 28, 1), jnp.uint8))
+    assert "frozen" not in v
+    assert models.count_entries(v["params"]) == 1_933_258
+
+
+def test_threshold_mode_is_deterministic():
+    model = models.build_model("mlp", 10).clone(mask_mode="threshold")
+    x = jnp.ones((3, 8, 8, 1), jnp.uint8)
+    v = model.init(RNGS, x)
+    np.testing.assert_array_equal(model.apply(v, x), model.apply(v, x))
+
+
+def test_unknown_model_rejected():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("resnet", 10)
