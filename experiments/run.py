@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from fedmask_jax import masking, models
+from fedmask_jax import engine, masking, models
 from fedmask_jax.data import DATASETS, SPLITS, DataError
 from fedmask_jax.simulation import ALGORITHMS, RunConfig, run
 
@@ -43,6 +43,7 @@ flags.DEFINE_enum("weight_init", _D.weight_init, list(models.WEIGHT_INITS), "Fro
 flags.DEFINE_enum("mask_gradient", _D.mask_gradient, list(masking.GRADIENTS), "Surrogate gradient through the mask sample.")
 flags.DEFINE_bool("persistent_client_optimizer", _D.persistent_client_optimizer, "Keep each client's Adam state across its rounds (reference quirk).")
 flags.DEFINE_integer("client_chunk_size", _D.client_chunk_size, "Clients trained at once under vmap (0 = chosen per backend).")
+flags.DEFINE_enum("strategy", _D.strategy, ["auto", *engine.STRATEGIES], "Round execution: scan (one program) or host_loop (jitted steps driven from Python; fast for convs on XLA:CPU); auto picks per backend and model.")
 flags.DEFINE_string("data_dir", _D.data_dir, "TFDS data folder (default ~/tensorflow_datasets).")
 flags.DEFINE_string("archive_dir", _D.archive_dir, "Folder holding the original dataset archives.")
 flags.DEFINE_bool("download", _D.download, "Download missing archives when online.")
@@ -60,7 +61,7 @@ def config_from_flags() -> RunConfig:
         eval_batch_size=F.eval_batch_size, prior_reset_period=F.prior_reset_period,
         lambda0=F.lambda0, epsilon=F.epsilon, weight_init=F.weight_init,
         mask_gradient=F.mask_gradient, persistent_client_optimizer=F.persistent_client_optimizer,
-        client_chunk_size=F.client_chunk_size, data_dir=F.data_dir, archive_dir=F.archive_dir,
+        client_chunk_size=F.client_chunk_size, strategy=F.strategy, data_dir=F.data_dir, archive_dir=F.archive_dir,
         download=F.download,
     )
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import NamedTuple
 
 import jax
@@ -88,90 +89,260 @@ def _where_tree(pred, new, old):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def _over_clients(fn, chunk: int):
+    """Maps ``fn`` over a leading client axis of all its arguments.
+
+    A chunk of one is squeezed rather than vmapped: a vmap of size one still turns a conv
+    with per-client kernels into a grouped conv.
+    """
+    if chunk > 1:
+        return jax.vmap(fn)
+
+    def single(*args):
+        out = fn(*jax.tree.map(lambda a: a[0], args))
+        return jax.tree.map(lambda x: x[None], out)
+
+    return single
+
+
+# -- One client's local training, in pieces shared by both execution strategies. ----------
+
+def _client_keys(key):
+    return tuple(jax.random.fold_in(key, i) for i in range(3))  # shuffle, step, finish
+
+
+def _epoch_order(shuffle_key, e, n, max_n: int, steps: int, b: int):
+    """Row positions of each step's batch in epoch ``e``: a reshuffle of the n real examples.
+
+    One uniform per example index, so the order of the real examples ignores how much
+    padding follows them.
+    """
+    ekey = jax.random.fold_in(shuffle_key, e)
+    positions = jnp.arange(max_n)
+    r = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(ekey, i)))(positions)
+    order = jnp.argsort(jnp.where(positions < n, r, 2.0), stable=True)
+    return jnp.pad(order, (0, steps * b - max_n)).reshape(steps, b)
+
+
+def _local_step(alg, data: ClientData, server, state, rows, order, n, e, s, step_key, b: int):
+    """Step ``s`` of epoch ``e``; a step past the client's data leaves the state unchanged."""
+    batch_rows = rows[order[s]]
+    example_mask = ((s * b + jnp.arange(b)) < n).astype(jnp.float32)
+    batch = Batch(data.x[batch_rows], data.y[batch_rows], example_mask)
+    skey = jax.random.fold_in(jax.random.fold_in(step_key, e), s)
+    new_state, loss = alg.client_step(server, state, batch, skey)
+    active = s * b < n
+    return _where_tree(active, new_state, state), loss * active, active.astype(jnp.float32)
+
+
+def _finish(alg, server, state, persistent, n, finish_key, loss_sum, active_steps):
+    result = alg.client_finish(server, state, persistent, n, finish_key)
+    metrics = dict(result.metrics, train_loss=loss_sum / jnp.maximum(active_steps, 1.0),
+                   num_examples=n.astype(jnp.float32))
+    return result._replace(metrics=metrics)
+
+
+def _accumulate(acc, store, result, ids, valid, num_clients: int):
+    """Adds a chunk's contributions and metrics (weighted by ``valid``) and stores its state."""
+    weighted_sum = lambda a, x: a + jnp.tensordot(valid, x, axes=1)  # noqa: E731
+    acc = jax.tree.map(weighted_sum, acc, (result.contribution, result.metrics))
+    # Padding clients write nowhere: their id is pushed out of bounds and dropped.
+    write_ids = jnp.where(valid > 0, ids, num_clients)
+    store = jax.tree.map(lambda s, p: s.at[write_ids].set(p, mode="drop"), store, result.persistent)
+    return acc, store
+
+
+def _finish_round(alg, server, acc, valid):
+    contrib, metrics = acc
+    k = jnp.sum(valid)
+    server = alg.server_update(server, contrib, k)
+    return server, {name: value / k for name, value in metrics.items()}
+
+
+def _zeros_like_result(result_shape):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype),
+                        (result_shape.contribution, result_shape.metrics))
+
+
 def _train_client(alg: FederatedAlgorithm, cfg: EngineConfig, data: ClientData,
                   server: PyTree, persistent: PyTree, cid: jax.Array, key: jax.Array):
-    """Local training of one client, then its message. Traced under vmap over clients."""
-    max_n = data.index.shape[1]
-    b = cfg.batch_size
+    """Local training of one client as nested scans (epochs, steps), then its message."""
+    max_n, b = data.index.shape[1], cfg.batch_size
     steps = -(-max_n // b)
-    n = data.sizes[cid]
-    rows = data.index[cid]
-    shuffle_key, step_key, finish_key = (jax.random.fold_in(key, i) for i in range(3))
-    positions = jnp.arange(max_n)
+    n, rows = data.sizes[cid], data.index[cid]
+    shuffle_key, step_key, finish_key = _client_keys(key)
 
     def epoch(state, e):
-        ekey = jax.random.fold_in(shuffle_key, e)
-        # One uniform per example index: a reshuffle that ignores how much padding follows.
-        r = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(ekey, i)))(positions)
-        order = jnp.argsort(jnp.where(positions < n, r, 2.0), stable=True)
-        order = jnp.pad(order, (0, steps * b - max_n)).reshape(steps, b)
+        order = _epoch_order(shuffle_key, e, n, max_n, steps, b)
 
         def step(state, s):
-            batch_rows = rows[order[s]]
-            example_mask = (s * b + jnp.arange(b)) < n
-            batch = Batch(data.x[batch_rows], data.y[batch_rows], example_mask.astype(jnp.float32))
-            skey = jax.random.fold_in(jax.random.fold_in(step_key, e), s)
-            new_state, loss = alg.client_step(server, state, batch, skey)
-            active = s * b < n
-            return _where_tree(active, new_state, state), (loss, active)
+            state, loss, active = _local_step(alg, data, server, state, rows, order, n, e, s,
+                                              step_key, b)
+            return state, (loss, active)
 
         return jax.lax.scan(step, state, jnp.arange(steps))
 
     state = alg.client_init(server, persistent)
     state, (losses, active) = jax.lax.scan(epoch, state, jnp.arange(cfg.local_epochs))
-    train_loss = jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1)
-    result = alg.client_finish(server, state, persistent, n, finish_key)
-    metrics = dict(result.metrics, train_loss=train_loss, num_examples=n.astype(jnp.float32))
-    return result._replace(metrics=metrics)
+    return _finish(alg, server, state, persistent, n, finish_key, jnp.sum(losses),
+                   jnp.sum(active))
 
 
-def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig):
+STRATEGIES = ("scan", "host_loop")
+
+
+def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "scan"):
     """Returns ``round(server, store, data, cohort, valid, key) -> (server, store, metrics)``.
 
     ``cohort`` holds client ids padded to a multiple of ``cfg.client_chunk_size`` and
     ``valid`` is 1 for real clients, 0 for padding. ``store`` holds every client's persistent
     state with a leading client axis (``()`` for methods that keep none). Metrics are cohort
     means of the per-client metrics.
+
+    ``strategy="scan"`` compiles the whole round (chunks, epochs, steps) into one program.
+    ``strategy="host_loop"`` drives chunks, epochs and steps from Python, one jitted step at a
+    time: XLA:CPU runs a convolution inside a loop body (``while``) tens of times slower than
+    the same convolution at top level (jax-ml/jax#12868; measured here: 3.4 vs 172 Conv4
+    examples/s), so on CPU conv models the loop must stay outside the compiled program. Both
+    strategies draw the same random numbers and give the same results.
     """
-    chunk = cfg.client_chunk_size
+    if strategy == "scan":
+        return _ScanRound(alg, cfg)
+    if strategy == "host_loop":
+        return _HostLoopRound(alg, cfg)
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
-    def round_fn(server, store, data: ClientData, cohort, valid, key):
-        def train_chunk(store, ids, keys):
+
+class _ScanRound:
+    """The whole round as one jitted program."""
+
+    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig):
+        chunk = cfg.client_chunk_size
+
+        def round_fn(server, store, data: ClientData, cohort, valid, key):
+            num_clients = data.index.shape[0]
+
+            def train_chunk(store, ids, keys):
+                persistent = jax.tree.map(lambda p: p[ids], store)
+                train = lambda p, c, k: _train_client(alg, cfg, data, server, p, c, k)  # noqa: E731
+                return _over_clients(train, chunk)(persistent, ids, keys)
+
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(key, cohort)
+            chunks = (cohort.reshape(-1, chunk), valid.reshape(-1, chunk),
+                      keys.reshape(-1, chunk, *keys.shape[1:]))
+            zero = _zeros_like_result(jax.eval_shape(train_chunk, store, chunks[0][0], chunks[2][0]))
+
+            def body(carry, xs):
+                acc, store = carry
+                ids, v, ks = xs
+                return _accumulate(acc, store, train_chunk(store, ids, ks), ids, v, num_clients), None
+
+            (acc, store), _ = jax.lax.scan(body, (zero, store), chunks)
+            server, metrics = _finish_round(alg, server, acc, valid)
+            return server, store, metrics
+
+        self._jit = jax.jit(round_fn, donate_argnums=(0, 1))
+        self._compiled = None
+
+    def compile(self, *args) -> float:
+        t0 = time.perf_counter()
+        self._compiled = self._jit.lower(*args).compile()
+        return time.perf_counter() - t0
+
+    def __call__(self, *args):
+        return (self._compiled or self._jit)(*args)
+
+
+class _HostLoopRound:
+    """Chunks, epochs and steps driven from Python; each piece is a small jitted function."""
+
+    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig):
+        self.cfg = cfg
+        chunk, b = cfg.client_chunk_size, cfg.batch_size
+
+        def begin(server, store, data, ids, keys):
             persistent = jax.tree.map(lambda p: p[ids], store)
-            train = lambda p, c, k: _train_client(alg, cfg, data, server, p, c, k)  # noqa: E731
-            return jax.vmap(train)(persistent, ids, keys)
+            states = _over_clients(lambda p: alg.client_init(server, p), chunk)(persistent)
+            return states, persistent, jax.vmap(_client_keys)(keys)
 
-        num_clients = data.index.shape[0]
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, cohort)
-        chunks = (cohort.reshape(-1, chunk), valid.reshape(-1, chunk),
-                  keys.reshape(-1, chunk, *keys.shape[1:]))
-        zero = jax.tree.map(
-            lambda s: jnp.zeros(s.shape[1:], s.dtype),
-            jax.eval_shape(train_chunk, store, chunks[0][0], chunks[2][0]),
-        )
-        zero = (zero.contribution, zero.metrics)
+        def order(data, ids, shuffle_keys, e):
+            max_n = data.index.shape[1]
+            steps = -(-max_n // b)
+            return jax.vmap(lambda c, k: _epoch_order(k, e, data.sizes[c], max_n, steps, b))(
+                ids, shuffle_keys)
 
-        def body(carry, xs):
-            (acc_contrib, acc_metrics), store = carry
-            ids, v, ks = xs
-            result = train_chunk(store, ids, ks)
-            weighted_sum = lambda acc, x: acc + jnp.tensordot(v, x, axes=1)  # noqa: E731
-            acc_contrib = jax.tree.map(weighted_sum, acc_contrib, result.contribution)
-            acc_metrics = jax.tree.map(weighted_sum, acc_metrics, result.metrics)
-            # Padding clients write nowhere: their id is pushed out of bounds and dropped.
-            write_ids = jnp.where(v > 0, ids, num_clients)
-            store = jax.tree.map(
-                lambda s, p: s.at[write_ids].set(p, mode="drop"), store, result.persistent
-            )
-            return ((acc_contrib, acc_metrics), store), None
+        def step(server, states, data, ids, orders, step_keys, e, s, loss_sum, active_sum):
+            def one(state, c, order, k):
+                return _local_step(alg, data, server, state, data.index[c], order,
+                                   data.sizes[c], e, s, k, b)
+            states, loss, active = _over_clients(one, chunk)(states, ids, orders, step_keys)
+            return states, loss_sum + loss, active_sum + active
 
-        ((contrib, metrics), store), _ = jax.lax.scan(body, (zero, store), chunks)
-        k = jnp.sum(valid)
-        server = alg.server_update(server, contrib, k)
-        metrics = {name: value / k for name, value in metrics.items()}
+        def finish_chunk(server, states, persistent, data, ids, finish_keys, loss_sum, active_sum):
+            def one(state, p, c, k, ls, act):
+                return _finish(alg, server, state, p, data.sizes[c], k, ls, act)
+            return _over_clients(one, chunk)(states, persistent, ids, finish_keys, loss_sum,
+                                             active_sum)
+
+        def accumulate(acc, store, result, ids, valid, data):
+            return _accumulate(acc, store, result, ids, valid, data.index.shape[0])
+
+        self._begin = jax.jit(begin)
+        self._order = jax.jit(order)
+        self._step = jax.jit(step, donate_argnums=(1, 8, 9))
+        self._finish_chunk = jax.jit(finish_chunk)
+        self._accumulate = jax.jit(accumulate, donate_argnums=(0, 1))
+        self._finish_round = jax.jit(
+            lambda server, acc, valid: _finish_round(alg, server, acc, valid), donate_argnums=(0,))
+
+    def _pieces(self, server, store, data, cohort, valid, key, run: bool):
+        """Walks one round's pieces, either running them or only lowering and compiling them.
+
+        With ``run=False`` the arguments may be shapes (``jax.ShapeDtypeStruct``) and each
+        piece is compiled once on its abstract inputs (one step stands for all steps).
+        """
+        chunk, b = self.cfg.client_chunk_size, self.cfg.batch_size
+        call = (lambda fn, *a: fn(*a)) if run else (
+            lambda fn, *a: (fn.lower(*a).compile(), jax.eval_shape(fn, *a))[1])
+        if run:
+            sizes, cohort_host = np.asarray(data.sizes), np.asarray(cohort)
+        keys = jax.eval_shape(lambda k, c: jax.vmap(jax.random.fold_in, (None, 0))(k, c), key,
+                              cohort) if not run else jax.vmap(jax.random.fold_in, (None, 0))(key, cohort)
+        acc = None
+        for start in range(0, cohort.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            ids, v, ks = (cohort[sl], valid[sl], keys[sl]) if run else (
+                jax.ShapeDtypeStruct((chunk,), cohort.dtype),
+                jax.ShapeDtypeStruct((chunk,), valid.dtype),
+                jax.ShapeDtypeStruct((chunk, *keys.shape[1:]), keys.dtype))
+            states, persistent, (shuffle_k, step_k, finish_k) = call(self._begin, server, store, data, ids, ks)
+            # Steps past the largest client of this chunk change nothing: skip them.
+            steps = -(-int(sizes[cohort_host[sl]].max()) // b) if run else 1
+            loss_sum = jnp.zeros((chunk,), jnp.float32)
+            active_sum = jnp.zeros((chunk,), jnp.float32)
+            for e in range(self.cfg.local_epochs if run else 1):
+                orders = call(self._order, data, ids, shuffle_k, e)
+                for s in range(steps):
+                    states, loss_sum, active_sum = call(
+                        self._step, server, states, data, ids, orders, step_k, e, s, loss_sum,
+                        active_sum)
+            result = call(self._finish_chunk, server, states, persistent, data, ids, finish_k,
+                          loss_sum, active_sum)
+            if acc is None:
+                acc = _zeros_like_result(result)
+            acc, store = call(self._accumulate, acc, store, result, ids, v, data)
+            if not run:
+                break  # every chunk has the same shapes
+        server, metrics = call(self._finish_round, server, acc, valid)
         return server, store, metrics
 
-    return jax.jit(round_fn, donate_argnums=(0, 1))
+    def compile(self, *args) -> float:
+        t0 = time.perf_counter()
+        self._pieces(*args, run=False)
+        return time.perf_counter() - t0
+
+    def __call__(self, *args):
+        return self._pieces(*args, run=True)
 
 
 def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int):
@@ -208,6 +379,11 @@ def init_store(alg: FederatedAlgorithm, num_clients: int) -> PyTree:
     """Every client's persistent state, stacked on a leading client axis."""
     one = alg.persistent_init()
     return jax.tree.map(lambda p: jnp.broadcast_to(p, (num_clients, *p.shape)).copy(), one)
+
+
+def auto_strategy(*, conv: bool, backend: str) -> str:
+    """The whole round in one program, except conv models on XLA:CPU (see make_round_fn)."""
+    return "host_loop" if (backend == "cpu" and conv) else "scan"
 
 
 def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: str,

@@ -53,6 +53,7 @@ class RunConfig:
     mask_gradient: str = "reference"
     persistent_client_optimizer: bool = False
     client_chunk_size: int = 0  # 0 = chosen per backend
+    strategy: str = "auto"  # auto | scan | host_loop
     data_dir: str | None = None
     archive_dir: str | None = None
     download: bool = True
@@ -89,6 +90,8 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.classes_per_client >= 1, f"--classes_per_client must be >= 1, got {cfg.classes_per_client}")
     _check(cfg.max_examples_per_client >= 0,
            f"--max_examples_per_client must be >= 0 (0 = no cap), got {cfg.max_examples_per_client}")
+    _check(cfg.strategy in ("auto", *engine.STRATEGIES),
+           f"--strategy={cfg.strategy!r} is unknown; allowed: auto, {', '.join(engine.STRATEGIES)}")
     _check(cfg.client_chunk_size >= 0, f"--client_chunk_size must be >= 0 (0 = auto), got {cfg.client_chunk_size}")
     _fedpm_config(cfg)  # raises on bad epsilon / lambda0 / reset period / lr
 
@@ -136,8 +139,10 @@ class Simulation:
         chunk = cfg.client_chunk_size or engine.auto_chunk_size(
             cfg.clients_per_round, self.algorithm.num_params, conv=models.is_conv(cfg.model),
             backend=jax.default_backend())
+        self.strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(
+            conv=models.is_conv(cfg.model), backend=jax.default_backend())
         self.engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk)
-        self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config)
+        self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config, self.strategy)
         self.eval_fn = engine.make_eval_fn(self.algorithm, cfg.eval_batch_size)
 
         self.data = engine.client_data_from_partition(
@@ -160,7 +165,7 @@ class Simulation:
         t0 = time.perf_counter()
         ids, valid = self._cohort(0)
         key = jax.random.fold_in(self._round_root, 0)
-        self._round = self.round_fn.lower(self.server, self.store, self.data, ids, valid, key).compile()
+        self.round_fn.compile(self.server, self.store, self.data, ids, valid, key)
         self._eval = self.eval_fn.lower(self.server, self.x_test, self.y_test, key).compile()
         return time.perf_counter() - t0
 
@@ -172,13 +177,13 @@ class Simulation:
         if cfg.verbose:
             print(f"fedmask_jax: {cfg.algorithm} {cfg.model} on {cfg.dataset} "
                   f"({self.algorithm.num_params:,} mask entries), {cfg.clients_per_round} of "
-                  f"{cfg.num_clients} clients/round, chunk {self.engine_config.client_chunk_size}, "
+                  f"{cfg.num_clients} clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}, "
                   f"backend {jax.default_backend()}; compiled in {compile_s:.1f}s", flush=True)
         round_times, bpps, last_eval = [], [], {}
         for r in range(cfg.rounds):
             ids, valid = self._cohort(r)
             t0 = time.perf_counter()
-            self.server, self.store, metrics = self._round(
+            self.server, self.store, metrics = self.round_fn(
                 self.server, self.store, self.data, ids, valid, jax.random.fold_in(self._round_root, r))
             metrics = jax.device_get(metrics)
             round_time = time.perf_counter() - t0
@@ -216,6 +221,7 @@ class Simulation:
             "num_params": self.algorithm.num_params,
             "seed": cfg.seed,
             "client_chunk_size": self.engine_config.client_chunk_size,
+            "strategy": self.strategy,
             "backend": jax.default_backend(),
             "compile_time_s": compile_s,
             "first_round_time_s": round_times[0],

@@ -98,3 +98,29 @@ def test_auto_chunk_size():
     assert engine.auto_chunk_size(10, 266_610, conv=False, backend="cpu") == 10
     big = engine.auto_chunk_size(1000, 266_610, conv=False, backend="cpu")
     assert 1 <= big < 1000 and 8 * 4 * 266_610 * big <= 2e9
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_host_loop_strategy_matches_scan(chunk):
+    data, _ = digits_client_data(num_clients=4)
+    data = data._replace(sizes=data.sizes.at[1].set(90))  # unequal sizes: skipped steps
+    alg = small_fedpm(persistent_optimizer=True)
+    cfg = engine.EngineConfig(batch_size=64, local_epochs=2, client_chunk_size=chunk)
+    ids, valid = engine.pad_cohort(np.array([0, 1, 3], np.int32), chunk)
+    out = {}
+    for strategy in engine.STRATEGIES:
+        round_fn = engine.make_round_fn(alg, cfg, strategy)
+        server, store = alg.server_init(jax.random.key(0)), engine.init_store(alg, 4)
+        assert round_fn.compile(server, store, data, jnp.asarray(ids), jnp.asarray(valid), jax.random.key(3)) >= 0
+        out[strategy] = round_fn(server, store, data, jnp.asarray(ids), jnp.asarray(valid), jax.random.key(3))
+    (s1, st1, m1), (s2, st2, m2) = out["scan"], out["host_loop"]
+    _assert_trees_close(s1.scores, s2.scores, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(st1, st2, rtol=1e-5, atol=1e-6)
+    for name in m1:
+        assert float(m1[name]) == pytest.approx(float(m2[name]), rel=1e-5), name
+
+
+def test_auto_strategy():
+    assert engine.auto_strategy(conv=True, backend="cpu") == "host_loop"
+    assert engine.auto_strategy(conv=False, backend="cpu") == "scan"
+    assert engine.auto_strategy(conv=True, backend="gpu") == "scan"
