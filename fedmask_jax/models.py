@@ -71,6 +71,8 @@ class _MaskedLayer(nn.Module):
             mask = jax.nn.sigmoid(scores)
         else:
             raise ValueError(f"unknown mask_mode {self.mask_mode!r}; expected {masking.MASK_MODES}")
+        # Recorded only when the caller makes "intermediates" mutable (parity checks, export).
+        self.sow("intermediates", f"{name}_mask", mask)
         return frozen * mask
 
 
@@ -101,6 +103,18 @@ class MaskedConv(_MaskedLayer):
             x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
         return y + bias
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2/stride-2 max-pool (floor for odd sizes) as reshape + max.
+
+    Same values as ``nn.max_pool``, but its gradient is a cheap equality mask rather than
+    XLA's select-and-scatter, which on XLA:CPU costs 8x more (87 vs 11 ms for a 128x28x28x64
+    batch, measured here) -- about 15% of a Conv4 training step.
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def normalize_images(x: jax.Array) -> jax.Array:
@@ -159,7 +173,7 @@ class ConvNet(nn.Module):
         for i, w in enumerate(self.conv_widths):
             x = nn.relu(self._layer(MaskedConv, nn.Conv, _scaled(w, self.width), conv=True)(x))
             if i % 2 == 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         for w in self.dense_widths:
             x = nn.relu(self._layer(MaskedDense, nn.Dense, _scaled(w, self.width))(x))

@@ -72,3 +72,11 @@ def test_threshold_mode_is_deterministic():
 def test_unknown_model_rejected():
     with pytest.raises(ValueError, match="unknown model"):
         models.build_model("resnet", 10)
+
+
+def test_max_pool_matches_flax_including_odd_sizes():
+    import flax.linen as nn
+
+    for shape in [(2, 28, 28, 3), (2, 7, 7, 4)]:
+        x = jax.random.normal(jax.random.key(0), shape)
+        np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))

@@ -1,0 +1,238 @@
+"""Throughput of the JAX engine against the PyTorch reference, case by case.
+
+    python -m experiments.benchmark --flagfile=experiments/configs/bench_cpu.flags
+
+Each case runs in its own subprocess (so its peak memory is its own); inside it, the JAX
+engine and the PyTorch reference train the same clients on the same data with the same local
+epochs and batch size. Steady-state rounds (after compilation and one warm-up round) are
+timed. Writes <workdir>/benchmark.json and refreshes the table in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+F = flags.FLAGS
+flags.DEFINE_list("cases", ["mlp_w1_k10", "mlp_w1_k100", "conv4_w1_k10"],
+                  "Cases as <model>_w<width>_k<clients>[_n<population>]; width 05 means 0.5.")
+flags.DEFINE_integer("examples_per_client", 600, "Training examples per client (Fashion-MNIST).")
+flags.DEFINE_integer("batch_size", 128, "Local batch size (capped at examples_per_client).")
+flags.DEFINE_integer("local_epochs", 3, "Local epochs.")
+flags.DEFINE_integer("timed_rounds", 2, "Steady-state rounds timed per implementation.")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch reference (needs the [bench] extra).")
+flags.DEFINE_integer("torch_max_clients", 1000, "Skip the PyTorch reference above this cohort.")
+flags.DEFINE_string("strategy", "auto", "Engine strategy for the JAX side.")
+flags.DEFINE_string("workdir", "runs/benchmark", "Where benchmark.json goes.")
+flags.DEFINE_string("docs", "docs/benchmarks.md", "Markdown file whose table is refreshed ('' = none).")
+flags.DEFINE_string("run_case", None, "Internal: run one case in this process and print JSON.")
+
+
+def parse_case(case: str) -> dict:
+    parts = case.split("_")
+    spec = {"case": case, "model": parts[0], "width": 1.0, "k": 10, "n": None}
+    for p in parts[1:]:
+        if p.startswith("w"):
+            digits = p[1:]  # "w1" -> 1.0, "w05" -> 0.5, "w025" -> 0.25
+            spec["width"] = float("0." + digits[1:]) if digits.startswith("0") else float(digits)
+        elif p.startswith("k"):
+            spec["k"] = int(p[1:])
+        elif p.startswith("n"):
+            spec["n"] = int(p[1:])
+        else:
+            raise ValueError(f"--cases: cannot parse {case!r} (part {p!r})")
+    spec["n"] = spec["n"] or spec["k"]
+    return spec
+
+
+def gemm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def train_flops_per_example(model, input_shape) -> float:
+    """3x the forward FLOPs XLA counts for one example (forward + two backward products)."""
+    import jax
+    import jax.numpy as jnp
+
+    thr = model.clone(mask_mode="threshold")
+    x = jnp.zeros((64, *input_shape), jnp.uint8)
+    v = thr.init({"params": jax.random.key(0), "frozen": jax.random.key(1)}, x)
+    cost = jax.jit(thr.apply).lower(v, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return 3.0 * float(cost["flops"]) / 64
+
+
+def run_case(case: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fedmask_jax import engine, models
+    from fedmask_jax.algorithms import fedpm as fedpm_lib
+    from fedmask_jax.data import load_dataset, partition
+
+    spec = parse_case(case)
+    ds = load_dataset("fashion_mnist", download=False)
+    parts = partition(ds.y_train, spec["n"], "iid", seed=0,
+                      max_examples_per_client=F.examples_per_client)
+    per_client = min(len(p) for p in parts)
+    batch = min(F.batch_size, per_client)
+    model = models.build_model(spec["model"], 10, width=spec["width"])
+    alg = fedpm_lib.fedpm(model, jnp.zeros((1, 28, 28, 1), jnp.uint8), fedpm_lib.FedPMConfig())
+    backend = jax.default_backend()
+    conv = models.is_conv(spec["model"])
+    strategy = F.strategy if F.strategy != "auto" else engine.auto_strategy(conv=conv, backend=backend)
+    chunk = engine.auto_chunk_size(spec["k"], alg.num_params, conv=conv, backend=backend)
+    cfg = engine.EngineConfig(batch, F.local_epochs, chunk)
+    round_fn = engine.make_round_fn(alg, cfg, strategy)
+    data = engine.client_data_from_partition(ds.x_train, ds.y_train, parts)
+    server = alg.server_init(jax.random.key(0))
+    store = engine.init_store(alg, spec["n"])
+
+    def cohort(r):
+        ids, valid = engine.pad_cohort(engine.sample_cohort(0, r, spec["n"], spec["k"]), chunk)
+        return jnp.asarray(ids), jnp.asarray(valid)
+
+    compile_s = round_fn.compile(server, store, data, *cohort(0), jax.random.key(0))
+    server, store, m = round_fn(server, store, data, *cohort(0), jax.random.key(0))  # warm-up
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for r in range(1, F.timed_rounds + 1):
+        server, store, m = round_fn(server, store, data, *cohort(r), jax.random.key(r))
+        jax.block_until_ready(m)
+    jax_rps = F.timed_rounds / (time.perf_counter() - t)
+    examples_per_round = F.local_epochs * sum(len(parts[c]) for c in engine.sample_cohort(0, 1, spec["n"], spec["k"]))
+    flops_ex = train_flops_per_example(model, (28, 28, 1))
+    jax_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    torch_rps = None
+    if F.torch and spec["k"] <= F.torch_max_clients:
+        import torch
+
+        from fedmask_jax.reference import torch_fedpm
+
+        fed = torch_fedpm.TorchFedPM(spec["model"], (28, 28, 1), 10, width=spec["width"])
+        xs = [(torch_fedpm.to_torch_input(ds.x_train[p]), torch.from_numpy(ds.y_train[p].astype(np.int64)))
+              for p in parts]
+        fed.round(xs, engine.sample_cohort(0, 0, spec["n"], spec["k"]), F.local_epochs, batch)  # warm-up
+        t = time.perf_counter()
+        for r in range(1, F.timed_rounds + 1):
+            fed.round(xs, engine.sample_cohort(0, r, spec["n"], spec["k"]), F.local_epochs, batch)
+        torch_rps = F.timed_rounds / (time.perf_counter() - t)
+
+    achieved = flops_ex * examples_per_round * jax_rps / 1e9
+    return {
+        "case": case, "model": spec["model"], "width": spec["width"],
+        "clients_per_round": spec["k"], "num_clients": spec["n"],
+        "examples_per_client": per_client, "batch_size": batch, "local_epochs": F.local_epochs,
+        "strategy": strategy, "client_chunk_size": chunk, "backend": backend,
+        "device": str(jax.devices()[0].device_kind),
+        "jax_rounds_per_s": jax_rps, "jax_examples_per_s": examples_per_round * jax_rps,
+        "torch_rounds_per_s": torch_rps,
+        "torch_examples_per_s": examples_per_round * torch_rps if torch_rps else None,
+        "speedup": jax_rps / torch_rps if torch_rps else None,
+        "compile_time_s": compile_s,
+        "train_gflop_per_example": flops_ex / 1e9,
+        "achieved_gflops": achieved,
+        "gemm_peak_gflops": gemm_peak_gflops(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "jax_peak_rss_mb": jax_rss,
+    }
+
+
+def _fmt(v, spec=".2f"):
+    return "—" if v is None else format(v, spec)
+
+
+def write_docs(results: list[dict], path: str, command: str) -> None:
+    import jax
+
+    try:
+        import torch
+        torch_v = torch.__version__
+    except ImportError:
+        torch_v = "not installed"
+    header = (f"Measured {datetime.date.today()} on {platform.node() or 'this machine'} "
+              f"({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
+              f"backend {results[0]['backend']} ({results[0]['device']}), JAX {jax.__version__}, "
+              f"PyTorch {torch_v}. Command: `{command}`")
+    rows = ["| case | strategy/chunk | JAX rounds/s | PyTorch rounds/s | speedup | JAX ex/s | "
+            "achieved GFLOP/s | % of GEMM peak | compile s | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(
+            f"| {r['case']} | {r['strategy']}/{r['client_chunk_size']} | {_fmt(r['jax_rounds_per_s'], '.3f')} | "
+            f"{_fmt(r['torch_rounds_per_s'], '.3f')} | {_fmt(r['speedup'])} | "
+            f"{_fmt(r['jax_examples_per_s'], '.0f')} | {_fmt(r['achieved_gflops'], '.1f')} | "
+            f"{_fmt(100 * r['achieved_gflops'] / r['gemm_peak_gflops'], '.0f')} | "
+            f"{_fmt(r['compile_time_s'], '.1f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
+    block = "<!-- bench:start -->\n" + header + "\n\n" + "\n".join(rows) + "\n<!-- bench:end -->"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n<!-- bench:start -->\n<!-- bench:end -->\n"
+    start, end = text.find("<!-- bench:start -->"), text.find("<!-- bench:end -->")
+    if start < 0 or end < 0:
+        text += "\n" + block + "\n"
+    else:
+        text = text[:start] + block + text[end + len("<!-- bench:end -->"):]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if F.run_case:
+        print("RESULT " + json.dumps(run_case(F.run_case)), flush=True)
+        return
+    from fedmask_jax.outputs import ensure_writable_dir, write_json_atomic
+
+    for c in F.cases:
+        parse_case(c)  # fail early on a bad name
+    workdir = ensure_writable_dir(F.workdir)
+    passthrough = [a for a in sys.argv[1:] if not a.startswith(("--cases", "--flagfile"))]
+    passthrough += [f"--{n}={getattr(F, n)}" for n in ("examples_per_client", "batch_size",
+                    "local_epochs", "timed_rounds", "torch", "torch_max_clients", "strategy")]
+    results = []
+    for case in F.cases:
+        print(f"benchmark: {case} ...", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--run_case={case}",
+                               *passthrough], capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"benchmark: {case} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        results.append(r)
+        print(f"  JAX {r['jax_rounds_per_s']:.3f} rounds/s ({r['jax_examples_per_s']:.0f} ex/s, "
+              f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['achieved_gflops'] / r['gemm_peak_gflops']:.0f}% "
+              f"of {r['gemm_peak_gflops']:.0f} GEMM peak), PyTorch {_fmt(r['torch_rounds_per_s'], '.3f')} "
+              f"rounds/s, speedup {_fmt(r['speedup'])}, compile {r['compile_time_s']:.1f}s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        write_json_atomic(os.path.join(workdir, "benchmark.json"), results)
+    if results and F.docs:
+        write_docs(results, F.docs, "python -m experiments.benchmark " + " ".join(sys.argv[1:]))
+    if len(results) < len(F.cases):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
