@@ -44,6 +44,7 @@ flags.DEFINE_enum("mask_gradient", _D.mask_gradient, list(masking.GRADIENTS), "S
 flags.DEFINE_bool("persistent_client_optimizer", _D.persistent_client_optimizer, "Keep each client's Adam state across its rounds (reference quirk).")
 flags.DEFINE_integer("client_chunk_size", _D.client_chunk_size, "Clients trained at once under vmap (0 = chosen per backend).")
 flags.DEFINE_enum("strategy", _D.strategy, ["auto", *engine.STRATEGIES], "Round execution: scan (one program) or host_loop (jitted steps driven from Python; fast for convs on XLA:CPU); auto picks per backend and model.")
+flags.DEFINE_integer("num_devices", _D.num_devices, "Devices on the 'clients' mesh axis (0 = all local devices).")
 flags.DEFINE_string("data_dir", _D.data_dir, "TFDS data folder (default ~/tensorflow_datasets).")
 flags.DEFINE_string("archive_dir", _D.archive_dir, "Folder holding the original dataset archives.")
 flags.DEFINE_bool("download", _D.download, "Download missing archives when online.")
@@ -61,7 +62,7 @@ def config_from_flags() -> RunConfig:
         eval_batch_size=F.eval_batch_size, prior_reset_period=F.prior_reset_period,
         lambda0=F.lambda0, epsilon=F.epsilon, weight_init=F.weight_init,
         mask_gradient=F.mask_gradient, persistent_client_optimizer=F.persistent_client_optimizer,
-        client_chunk_size=F.client_chunk_size, strategy=F.strategy, data_dir=F.data_dir, archive_dir=F.archive_dir,
+        client_chunk_size=F.client_chunk_size, strategy=F.strategy, num_devices=F.num_devices, data_dir=F.data_dir, archive_dir=F.archive_dir,
         download=F.download,
     )
 

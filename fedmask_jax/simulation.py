@@ -15,6 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedmask_jax import engine, masking, models, outputs
 from fedmask_jax.algorithms import fedpm as fedpm_lib
@@ -54,6 +55,7 @@ class RunConfig:
     persistent_client_optimizer: bool = False
     client_chunk_size: int = 0  # 0 = chosen per backend
     strategy: str = "auto"  # auto | scan | host_loop
+    num_devices: int = 0  # devices on the clients mesh axis (0 = all local devices)
     data_dir: str | None = None
     archive_dir: str | None = None
     download: bool = True
@@ -92,6 +94,7 @@ def validate(cfg: RunConfig) -> None:
            f"--max_examples_per_client must be >= 0 (0 = no cap), got {cfg.max_examples_per_client}")
     _check(cfg.strategy in ("auto", *engine.STRATEGIES),
            f"--strategy={cfg.strategy!r} is unknown; allowed: auto, {', '.join(engine.STRATEGIES)}")
+    _check(cfg.num_devices >= 0, f"--num_devices must be >= 0 (0 = all), got {cfg.num_devices}")
     _check(cfg.client_chunk_size >= 0, f"--client_chunk_size must be >= 0 (0 = auto), got {cfg.client_chunk_size}")
     _fedpm_config(cfg)  # raises on bad epsilon / lambda0 / reset period / lr
 
@@ -142,7 +145,10 @@ class Simulation:
         self.strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(
             conv=models.is_conv(cfg.model), backend=jax.default_backend())
         self.engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk)
-        self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config, self.strategy)
+        # The host loop drives one device; the scanned round shards clients over the mesh.
+        self.mesh = engine.clients_mesh(cfg.num_devices if self.strategy == "scan" else 1)
+        self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config, self.strategy,
+                                             self.mesh)
         self.eval_fn = engine.make_eval_fn(self.algorithm, cfg.eval_batch_size)
 
         self.data = engine.client_data_from_partition(
@@ -154,10 +160,17 @@ class Simulation:
         self._eval_root = jax.random.fold_in(root, 2)
         self.server = self.algorithm.server_init(jax.random.fold_in(root, 0))
         self.store = engine.init_store(self.algorithm, cfg.num_clients)
+        if self.mesh.size > 1:  # the compiled round expects exactly these placements
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self.server, self.store, self.data = jax.device_put(
+                (self.server, self.store, self.data), replicated)
+            self._cohort_sharding = NamedSharding(self.mesh, PartitionSpec(engine.CLIENTS_AXIS))
 
     def _cohort(self, r: int):
         cohort = engine.sample_cohort(self.cfg.seed, r, self.cfg.num_clients, self.cfg.clients_per_round)
-        ids, valid = engine.pad_cohort(cohort, self.engine_config.client_chunk_size)
+        ids, valid = engine.pad_cohort(cohort, self.engine_config.client_chunk_size * self.mesh.size)
+        if self.mesh.size > 1:
+            return jax.device_put((ids, valid), self._cohort_sharding)
         return jnp.asarray(ids), jnp.asarray(valid)
 
     def compile(self) -> float:
@@ -178,6 +191,7 @@ class Simulation:
             print(f"fedmask_jax: {cfg.algorithm} {cfg.model} on {cfg.dataset} "
                   f"({self.algorithm.num_params:,} mask entries), {cfg.clients_per_round} of "
                   f"{cfg.num_clients} clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}, "
+                  f"{self.mesh.size} device(s), "
                   f"backend {jax.default_backend()}; compiled in {compile_s:.1f}s", flush=True)
         round_times, bpps, last_eval = [], [], {}
         for r in range(cfg.rounds):
@@ -222,6 +236,7 @@ class Simulation:
             "seed": cfg.seed,
             "client_chunk_size": self.engine_config.client_chunk_size,
             "strategy": self.strategy,
+            "num_devices": self.mesh.size,
             "backend": jax.default_backend(),
             "compile_time_s": compile_s,
             "first_round_time_s": round_times[0],

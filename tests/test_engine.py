@@ -97,7 +97,7 @@ def test_auto_chunk_size():
     assert engine.auto_chunk_size(10, 2_000_000, conv=True, backend="cpu") == 1
     assert engine.auto_chunk_size(10, 266_610, conv=False, backend="cpu") == 10
     big = engine.auto_chunk_size(1000, 266_610, conv=False, backend="cpu")
-    assert 1 <= big < 1000 and 8 * 4 * 266_610 * big <= 2e9
+    assert 1 <= big < 1000 and 8 * 4 * 266_610 * big <= 2.56e8 and 1000 % big == 0
 
 
 @pytest.mark.parametrize("chunk", [1, 2])

@@ -1,0 +1,39 @@
+"""Sharding the cohort over 8 virtual CPU devices gives the metrics of one device."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r"""
+import dataclasses, json, sys
+import jax
+assert len(jax.devices()) == 8, jax.devices()
+from fedmask_jax.simulation import RunConfig, run
+base = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=12,
+                 clients_per_round=7, rounds=3, local_epochs=1, batch_size=32, verbose=False,
+                 persistent_client_optimizer=True, client_chunk_size=1)
+out = {}
+for nd in (1, 8):
+    s = run(dataclasses.replace(base, num_devices=nd, workdir=sys.argv[1] + f"/d{nd}"))
+    assert s["num_devices"] == nd
+    out[nd] = [json.loads(l) for l in open(sys.argv[1] + f"/d{nd}/metrics.jsonl")]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_eight_devices_match_one(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    one, eight = out["1"], out["8"]
+    assert len(one) == len(eight) == 3
+    for a, b in zip(one, eight):
+        for key in ("test_accuracy", "test_accuracy_thresholded", "test_loss", "uplink_bpp",
+                    "mask_density", "train_loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
