@@ -45,6 +45,7 @@ flags.DEFINE_bool("persistent_client_optimizer", _D.persistent_client_optimizer,
 flags.DEFINE_integer("client_chunk_size", _D.client_chunk_size, "Clients trained at once under vmap (0 = chosen per backend).")
 flags.DEFINE_enum("strategy", _D.strategy, ["auto", *engine.STRATEGIES], "Round execution: scan (one program) or host_loop (jitted steps driven from Python; fast for convs on XLA:CPU); auto picks per backend and model.")
 flags.DEFINE_integer("num_devices", _D.num_devices, "Devices on the 'clients' mesh axis (0 = all local devices).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; coordinator from the environment, see README).")
 flags.DEFINE_string("data_dir", _D.data_dir, "TFDS data folder (default ~/tensorflow_datasets).")
 flags.DEFINE_string("archive_dir", _D.archive_dir, "Folder holding the original dataset archives.")
 flags.DEFINE_bool("download", _D.download, "Download missing archives when online.")
@@ -70,6 +71,10 @@ def config_from_flags() -> RunConfig:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # TFDS and JAX log every file they open at INFO
+    if F.distributed:
+        import jax
+
+        jax.distributed.initialize()  # reads the coordinator address, process count and id
     try:
         run(config_from_flags())
     except (ValueError, DataError) as e:
