@@ -24,7 +24,6 @@ The engine knows nothing about masks: everything method-specific is in the
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import NamedTuple
 
@@ -450,7 +449,3 @@ def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: s
     best = divisors[0]
     # A divisor much smaller than the limit wastes parallelism; padding is cheaper then.
     return best if best * 2 >= limit else limit
-
-
-def steps_per_round(max_client_size: int, cfg: EngineConfig) -> int:
-    return cfg.local_epochs * math.ceil(max_client_size / cfg.batch_size)

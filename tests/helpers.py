@@ -15,7 +15,6 @@ def digits():
 
 
 def small_fedpm(**config):
-    ds = digits()
     model = models.build_model("mlp", 10, mlp_hidden=(32,))
     return fedpm_lib.fedpm(model, jnp.zeros((1, 8, 8, 1), jnp.uint8), fedpm_lib.FedPMConfig(**config))
 

@@ -201,15 +201,12 @@ def load_dataset(name: str, *, data_dir: str | None = None, archive_dirs: Sequen
     )
     try:
         builder.download_and_prepare()
-    except DataError:
-        raise
     except Exception as e:
+        # TFDS wraps errors raised in _split_generators; surface our own message unwrapped.
         cause = e
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            if isinstance(cause, DataError):
-                raise cause from None
+        while cause is not None and not isinstance(cause, DataError):
             cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, DataError):
+        if cause is not None:
             raise cause from None
         raise
     sources = builder.as_data_source()
