@@ -45,6 +45,10 @@ flags.DEFINE_bool("persistent_client_optimizer", _D.persistent_client_optimizer,
 flags.DEFINE_integer("client_chunk_size", _D.client_chunk_size, "Clients trained at once under vmap (0 = chosen per backend).")
 flags.DEFINE_enum("strategy", _D.strategy, ["auto", *engine.STRATEGIES], "Round execution: scan (one program) or host_loop (jitted steps driven from Python; fast for convs on XLA:CPU); auto picks per backend and model.")
 flags.DEFINE_integer("num_devices", _D.num_devices, "Devices on the 'clients' mesh axis (0 = all local devices).")
+flags.DEFINE_bool("coded_uplink", _D.coded_uplink, "Range-code every uplink mask (constriction) on the host, report measured sizes, aggregate the decoded masks.")
+flags.DEFINE_enum("downlink", _D.downlink, ["float32", "quantized", "sampled_mask"], "Server broadcast: float32 scores (32 bpp), theta_g quantised to --downlink_bits, or one sampled mask.")
+flags.DEFINE_integer("downlink_bits", _D.downlink_bits, "Bits per entry for --downlink=quantized (1..16).")
+flags.DEFINE_enum("export_mask", _D.export_mask, ["sampled", "thresholded", "none"], "Final model file <workdir>/model.fmjx: one mask sampled from theta_g, or 1[theta_g > 0.5].")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; coordinator from the environment, see README).")
 flags.DEFINE_string("data_dir", _D.data_dir, "TFDS data folder (default ~/tensorflow_datasets).")
 flags.DEFINE_string("archive_dir", _D.archive_dir, "Folder holding the original dataset archives.")
@@ -63,7 +67,9 @@ def config_from_flags() -> RunConfig:
         eval_batch_size=F.eval_batch_size, prior_reset_period=F.prior_reset_period,
         lambda0=F.lambda0, epsilon=F.epsilon, weight_init=F.weight_init,
         mask_gradient=F.mask_gradient, persistent_client_optimizer=F.persistent_client_optimizer,
-        client_chunk_size=F.client_chunk_size, strategy=F.strategy, num_devices=F.num_devices, data_dir=F.data_dir, archive_dir=F.archive_dir,
+        client_chunk_size=F.client_chunk_size, strategy=F.strategy, num_devices=F.num_devices,
+        coded_uplink=F.coded_uplink, downlink=F.downlink, downlink_bits=F.downlink_bits,
+        export_mask=F.export_mask, data_dir=F.data_dir, archive_dir=F.archive_dir,
         download=F.download,
     )
 

@@ -153,10 +153,11 @@ def _accumulate(acc, store, result, ids, valid, num_clients: int):
     return acc, store
 
 
-def _finish_round(alg, server, acc, valid, k=None):
+def _finish_round(alg, server, acc, valid, k=None, update: bool = True):
     contrib, metrics = acc
     k = jnp.sum(valid) if k is None else k
-    server = alg.server_update(server, contrib, k)
+    if update:
+        server = alg.server_update(server, contrib, k)
     return server, {name: value / k for name, value in metrics.items()}
 
 
@@ -210,7 +211,7 @@ def clients_mesh(num_devices: int = 0) -> Mesh:
 
 
 def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "scan",
-                  mesh: Mesh | None = None):
+                  mesh: Mesh | None = None, collect_uplink: bool = False):
     """Returns ``round(server, store, data, cohort, valid, key) -> (server, store, metrics)``.
 
     ``cohort`` holds client ids padded to a multiple of ``cfg.client_chunk_size`` and
@@ -227,11 +228,18 @@ def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "s
 
     ``mesh`` (scan only): shard the cohort over its ``clients`` axis; the cohort must then be
     padded to a multiple of ``client_chunk_size * mesh.size``.
+
+    ``collect_uplink``: the round also returns every client's ``alg.uplink_payload`` (in
+    cohort order, padding included) and leaves the server state *unchanged*: the caller codes
+    and decodes the messages and applies ``alg.server_update`` to what it decoded.
     """
+    if collect_uplink and alg.uplink_payload is None:
+        raise ValueError(f"{alg.name} has no uplink_payload to collect")
     if strategy == "scan":
-        return _ScanRound(alg, cfg, mesh if mesh is not None and mesh.size > 1 else None)
+        return _ScanRound(alg, cfg, mesh if mesh is not None and mesh.size > 1 else None,
+                          collect_uplink)
     if strategy == "host_loop":
-        return _HostLoopRound(alg, cfg)
+        return _HostLoopRound(alg, cfg, collect_uplink)
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
@@ -244,9 +252,11 @@ class _ScanRound:
     trained and summed back as deltas, so every device ends with the same store.
     """
 
-    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, mesh: Mesh | None = None):
+    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, mesh: Mesh | None = None,
+                 collect_uplink: bool = False):
         chunk = cfg.client_chunk_size
         axis = CLIENTS_AXIS if mesh is not None else None
+        payload = jax.vmap(alg.uplink_payload) if collect_uplink else None
 
         def round_fn(server, store, data: ClientData, cohort, valid, key):
             num_clients = data.index.shape[0]
@@ -264,15 +274,19 @@ class _ScanRound:
             def body(carry, xs):
                 acc, store = carry
                 ids, v, ks = xs
-                return _accumulate(acc, store, train_chunk(store, ids, ks), ids, v, num_clients), None
+                result = train_chunk(store, ids, ks)
+                uplink = payload(result.contribution) if payload else None
+                return _accumulate(acc, store, result, ids, v, num_clients), uplink
 
-            (acc, new_store), _ = jax.lax.scan(body, (zero, store), chunks)
+            (acc, new_store), uplink = jax.lax.scan(body, (zero, store), chunks)
             k = jnp.sum(valid)
             if axis is not None:
                 acc, k = jax.lax.psum((acc, k), axis)
                 new_store = jax.tree.map(lambda old, new: old + jax.lax.psum(new - old, axis),
                                          store, new_store)
-            server, metrics = _finish_round(alg, server, acc, valid, k)
+            server, metrics = _finish_round(alg, server, acc, valid, k, update=not collect_uplink)
+            if collect_uplink:
+                return server, new_store, metrics, uplink.reshape(-1, uplink.shape[-1])
             return server, new_store, metrics
 
         if mesh is not None:
@@ -281,7 +295,8 @@ class _ScanRound:
             # over devices for a theta that does not, which the manual-axis type check rejects.
             round_fn = jax.shard_map(round_fn, mesh=mesh,
                                      in_specs=(rep, rep, rep, split, split, rep),
-                                     out_specs=(rep, rep, rep), check_vma=False)
+                                     out_specs=(rep, rep, rep) + ((split,) if collect_uplink else ()),
+                                     check_vma=False)
         self._jit = jax.jit(round_fn, donate_argnums=(0, 1))
         self._compiled = None
 
@@ -297,8 +312,9 @@ class _ScanRound:
 class _HostLoopRound:
     """Chunks, epochs and steps driven from Python; each piece is a small jitted function."""
 
-    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig):
+    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, collect_uplink: bool = False):
         self.cfg = cfg
+        self.collect_uplink = collect_uplink
         chunk, b = cfg.client_chunk_size, cfg.batch_size
 
         def begin(server, store, data, ids, keys):
@@ -334,7 +350,9 @@ class _HostLoopRound:
         self._finish_chunk = jax.jit(finish_chunk)
         self._accumulate = jax.jit(accumulate, donate_argnums=(0, 1))
         self._finish_round = jax.jit(
-            lambda server, acc, valid: _finish_round(alg, server, acc, valid), donate_argnums=(0,))
+            lambda server, acc, valid: _finish_round(alg, server, acc, valid,
+                                                     update=not collect_uplink))
+        self._payload = jax.jit(jax.vmap(alg.uplink_payload)) if collect_uplink else None
 
     def _pieces(self, server, store, data, cohort, valid, key, run: bool):
         """Walks one round's pieces, either running them or only lowering and compiling them.
@@ -349,7 +367,7 @@ class _HostLoopRound:
             sizes, cohort_host = np.asarray(data.sizes), np.asarray(cohort)
         keys = jax.eval_shape(lambda k, c: jax.vmap(jax.random.fold_in, (None, 0))(k, c), key,
                               cohort) if not run else jax.vmap(jax.random.fold_in, (None, 0))(key, cohort)
-        acc = None
+        acc, uplinks = None, []
         for start in range(0, cohort.shape[0], chunk):
             sl = slice(start, start + chunk)
             ids, v, ks = (cohort[sl], valid[sl], keys[sl]) if run else (
@@ -371,10 +389,14 @@ class _HostLoopRound:
                           loss_sum, active_sum)
             if acc is None:
                 acc = _zeros_like_result(result)
+            if self._payload is not None:
+                uplinks.append(call(self._payload, result.contribution))
             acc, store = call(self._accumulate, acc, store, result, ids, v, data)
             if not run:
                 break  # every chunk has the same shapes
         server, metrics = call(self._finish_round, server, acc, valid)
+        if self._payload is not None:
+            return server, store, metrics, jnp.concatenate(uplinks) if run else None
         return server, store, metrics
 
     def compile(self, *args) -> float:

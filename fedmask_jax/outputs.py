@@ -71,6 +71,8 @@ def progress_line(record: dict, total_rounds: int, eta_s: float, out: TextIO = s
         parts.append(f"test loss {record['test_loss']:.3f}")
     parts.append(f"train loss {record['train_loss']:.3f}")
     parts.append(f"bpp {record['uplink_bpp']:.3f}")
+    if "uplink_bpp_coded_prior" in record:
+        parts.append(f"coded {record['uplink_bpp_coded_global']:.3f}/{record['uplink_bpp_coded_prior']:.3f}")
     if "mask_density" in record:
         parts.append(f"density {record['mask_density']:.3f}")
     parts.append(f"{record['round_time_s']:.2f}s/round")

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fedmask_jax import engine, masking, models, outputs
+from fedmask_jax import coding, engine, masking, models, outputs
+from fedmask_jax import export as export_lib
 from fedmask_jax.algorithms import fedpm as fedpm_lib
 from fedmask_jax.data import DATASETS, SPLITS, load_dataset, partition
 
@@ -56,6 +57,10 @@ class RunConfig:
     client_chunk_size: int = 0  # 0 = chosen per backend
     strategy: str = "auto"  # auto | scan | host_loop
     num_devices: int = 0  # devices on the clients mesh axis (0 = all local devices)
+    coded_uplink: bool = True  # range-code every uplink mask on the host; aggregate the decoded
+    downlink: str = "float32"  # float32 | quantized | sampled_mask
+    downlink_bits: int = 4
+    export_mask: str = "sampled"  # sampled | thresholded | none: the final model file
     data_dir: str | None = None
     archive_dir: str | None = None
     download: bool = True
@@ -94,6 +99,8 @@ def validate(cfg: RunConfig) -> None:
            f"--max_examples_per_client must be >= 0 (0 = no cap), got {cfg.max_examples_per_client}")
     _check(cfg.strategy in ("auto", *engine.STRATEGIES),
            f"--strategy={cfg.strategy!r} is unknown; allowed: auto, {', '.join(engine.STRATEGIES)}")
+    _check(cfg.export_mask in ("sampled", "thresholded", "none"),
+           f"--export_mask={cfg.export_mask!r} is unknown; allowed: sampled, thresholded, none")
     _check(cfg.num_devices >= 0, f"--num_devices must be >= 0 (0 = all), got {cfg.num_devices}")
     _check(cfg.client_chunk_size >= 0, f"--client_chunk_size must be >= 0 (0 = auto), got {cfg.client_chunk_size}")
     _fedpm_config(cfg)  # raises on bad epsilon / lambda0 / reset period / lr
@@ -103,7 +110,8 @@ def _fedpm_config(cfg: RunConfig) -> fedpm_lib.FedPMConfig:
     return fedpm_lib.FedPMConfig(
         client_lr=cfg.client_lr, epsilon=cfg.epsilon, lambda0=cfg.lambda0,
         prior_reset_period=cfg.prior_reset_period,
-        persistent_optimizer=cfg.persistent_client_optimizer,
+        persistent_optimizer=cfg.persistent_client_optimizer, downlink=cfg.downlink,
+        downlink_bits=cfg.downlink_bits,
     )
 
 
@@ -148,7 +156,9 @@ class Simulation:
         # The host loop drives one device; the scanned round shards clients over the mesh.
         self.mesh = engine.clients_mesh(cfg.num_devices if self.strategy == "scan" else 1)
         self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config, self.strategy,
-                                             self.mesh)
+                                             self.mesh, collect_uplink=cfg.coded_uplink)
+        self.server_update = jax.jit(self.algorithm.server_update, donate_argnums=(0,))
+        self.fedpm_config = _fedpm_config(cfg)
         self.eval_fn = engine.make_eval_fn(self.algorithm, cfg.eval_batch_size)
 
         self.data = engine.client_data_from_partition(
@@ -158,7 +168,7 @@ class Simulation:
         root = jax.random.key(cfg.seed)
         self._round_root = jax.random.fold_in(root, 1)
         self._eval_root = jax.random.fold_in(root, 2)
-        self.server = self.algorithm.server_init(jax.random.fold_in(root, 0))
+        self.server = self.algorithm.server_init(fedpm_lib.server_key(cfg.seed))
         self.store = engine.init_store(self.algorithm, cfg.num_clients)
         if self.mesh.size > 1:  # the compiled round expects exactly these placements
             replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -193,20 +203,30 @@ class Simulation:
                   f"{cfg.num_clients} clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}, "
                   f"{self.mesh.size} device(s), "
                   f"backend {jax.default_backend()}; compiled in {compile_s:.1f}s", flush=True)
-        round_times, bpps, last_eval = [], [], {}
+        round_times, bpps, last_eval, history = [], [], {}, {}
         for r in range(cfg.rounds):
             ids, valid = self._cohort(r)
             t0 = time.perf_counter()
-            self.server, self.store, metrics = self.round_fn(
-                self.server, self.store, self.data, ids, valid, jax.random.fold_in(self._round_root, r))
+            broadcast = fedpm_lib.flat(fedpm_lib.theta(self.server))
+            out = self.round_fn(self.server, self.store, self.data, ids, valid,
+                                jax.random.fold_in(self._round_root, r))
+            self.server, self.store, metrics = out[:3]
             metrics = jax.device_get(metrics)
+            record = {}
+            if cfg.coded_uplink:
+                coded = self._code_and_aggregate(np.asarray(out[3]), broadcast)
+                record.update(coded)
             round_time = time.perf_counter() - t0
             round_times.append(round_time)
             bpp = float(metrics["uplink_bits"]) / self.algorithm.num_params
             bpps.append(bpp)
-            record = {"round": r + 1, "round_time_s": round_time, "uplink_bpp": bpp,
-                      "train_loss": float(metrics["train_loss"]),
-                      "mask_density": float(metrics["mask_density"])}
+            record.update({"round": r + 1, "round_time_s": round_time, "uplink_bpp": bpp,
+                           "train_loss": float(metrics["train_loss"]),
+                           "mask_density": float(metrics["mask_density"]),
+                           "downlink_bpp": fedpm_lib.downlink_bits_per_param(self.fedpm_config, broadcast)})
+            for key in ("uplink_bpp_coded_global", "uplink_bpp_coded_prior", "downlink_bpp"):
+                if key in record:
+                    history.setdefault(key, []).append(record[key])
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 t_eval = time.perf_counter()
                 ev = jax.device_get(self._eval(self.server, self.x_test, self.y_test,
@@ -225,7 +245,9 @@ class Simulation:
             "final_test_accuracy_thresholded": last_eval["test_accuracy_thresholded"],
             "final_test_loss": last_eval["test_loss"],
             "mean_uplink_bpp": float(np.mean(bpps)),
+            **{f"mean_{k}": float(np.mean(v)) for k, v in history.items()},
             **self.final_model_bpp(),
+            **self.export(),
             "rounds": cfg.rounds,
             "clients_per_round": cfg.clients_per_round,
             "num_clients": cfg.num_clients,
@@ -249,10 +271,60 @@ class Simulation:
             print(f"done: test accuracy {summary['final_test_accuracy']:.4f} (thresholded "
                   f"{summary['final_test_accuracy_thresholded']:.4f}), mean uplink "
                   f"{summary['mean_uplink_bpp']:.4f} bpp, final model "
-                  f"{summary['final_model_bpp']:.4f} bpp; {summary['total_time_s']:.1f}s total, "
+                  f"{summary['final_model_bpp']:.4f} bpp"
+                  + (f" (file {summary['final_model_file_bpp']:.4f} bpp)" if "final_model_file_bpp" in summary else "")
+                  + (f", coded uplink {summary['mean_uplink_bpp_coded_global']:.4f} bpp global / "
+                     f"{summary['mean_uplink_bpp_coded_prior']:.4f} bpp with theta_g"
+                     if "mean_uplink_bpp_coded_prior" in summary else "")
+                  + f"; {summary['total_time_s']:.1f}s total, "
                   f"{summary['steady_round_time_s']:.2f}s/round; results in {self.workdir}",
                   flush=True)
         return summary
+
+    def _code_and_aggregate(self, payloads: np.ndarray, broadcast: np.ndarray) -> dict:
+        """Codes each real client's mask twice, decodes the sent (prior-coded) stream, checks
+        it, and applies the server update to the sum of the decoded masks."""
+        t0 = time.perf_counter()
+        n, k = self.algorithm.num_params, self.cfg.clients_per_round
+        counts = np.zeros(n, np.float32)
+        global_bits, prior_bits = [], []
+        # pad_cohort puts the real clients first; the rest are padding.
+        for row in payloads[:k]:
+            mask = np.unpackbits(row)[:n]
+            _, words_global = coding.encode_global(mask)
+            words_prior = coding.encode(mask, broadcast)
+            decoded = coding.decode(words_prior, broadcast, n)
+            if not np.array_equal(decoded, mask):
+                raise RuntimeError("uplink mask did not survive range coding")
+            counts += decoded
+            global_bits.append(coding.global_bits(words_global))
+            prior_bits.append(coding.prior_bits(words_prior))
+        counts_tree = fedpm_lib.unflat(counts, self.server.scores)
+        self.server = self.server_update(self.server, counts_tree, jnp.float32(k))
+        return {"uplink_bpp_coded_global": float(np.mean(global_bits)) / n,
+                "uplink_bpp_coded_prior": float(np.mean(prior_bits)) / n,
+                "coding_time_s": time.perf_counter() - t0}
+
+    def export(self) -> dict:
+        """Writes <workdir>/model.fmjx (seed + architecture + coded mask) unless disabled."""
+        if self.cfg.export_mask == "none":
+            return {}
+        theta = fedpm_lib.flat(fedpm_lib.theta(self.server))
+        if self.cfg.export_mask == "thresholded":
+            mask = (theta > 0.5).astype(np.uint8)
+        else:
+            key = jax.random.fold_in(jax.random.key(self.cfg.seed), 4)
+            mask = np.asarray(jax.random.bernoulli(key, jnp.asarray(theta))).astype(np.uint8)
+        cfg = self.cfg
+        architecture = {"name": cfg.model, "num_classes": self.dataset.num_classes,
+                        "width": cfg.width, "mlp_hidden": list(cfg.mlp_hidden),
+                        "weight_init": cfg.weight_init, "mask_gradient": cfg.mask_gradient}
+        path = os.path.join(self.workdir, "model.fmjx")
+        size = export_lib.export_model(path, architecture=architecture,
+                                       input_shape=self.dataset.input_shape, seed=cfg.seed,
+                                       mask_flat=mask, mask_kind=cfg.export_mask)
+        return {"final_model_file": path, "final_model_file_bytes": size,
+                "final_model_file_bpp": 8.0 * size / self.algorithm.num_params}
 
     def final_model_bpp(self) -> dict:
         """Ideal size of the final model's mask (seed + one binary mask), in bits per entry."""

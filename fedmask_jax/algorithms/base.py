@@ -58,3 +58,6 @@ class FederatedAlgorithm(NamedTuple):
     server_update: Callable[[PyTree, PyTree, jax.Array], PyTree]
     evaluate: Callable[[PyTree, Batch, jax.Array], dict[str, jax.Array]]
     num_params: int  # entries the uplink message describes (for bits per parameter)
+    # contribution -> flat uint8 array: the client's message as it leaves the device, for
+    # methods whose messages are coded on the host (None: the engine never collects them).
+    uplink_payload: Callable[[PyTree], jax.Array] | None = None

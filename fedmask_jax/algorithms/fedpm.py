@@ -14,6 +14,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedmask_jax import masking
@@ -28,8 +29,14 @@ class FedPMConfig:
     lambda0: float = 1.0  # Beta prior alpha = beta = lambda0
     prior_reset_period: int = 1  # reset the prior every this many rounds (1 = reference)
     persistent_optimizer: bool = False  # keep each client's Adam state across its rounds
+    downlink: str = "float32"  # float32 | quantized | sampled_mask: what the server broadcasts
+    downlink_bits: int = 4  # for downlink="quantized": theta_g on 2**bits levels
 
     def __post_init__(self):
+        if self.downlink not in DOWNLINKS:
+            raise ValueError(f"--downlink={self.downlink!r} is unknown; allowed: {', '.join(DOWNLINKS)}")
+        if not 1 <= self.downlink_bits <= 16:
+            raise ValueError(f"--downlink_bits must be in 1..16, got {self.downlink_bits}")
         if not 0.0 < self.epsilon < 0.5:
             raise ValueError(f"--epsilon must be in (0, 0.5), got {self.epsilon}")
         if self.lambda0 < 1.0:
@@ -42,17 +49,32 @@ class FedPMConfig:
             raise ValueError(f"--client_lr must be > 0, got {self.client_lr}")
 
 
+DOWNLINKS = ("float32", "quantized", "sampled_mask")
+
+
 class FedPMServerState(NamedTuple):
     frozen: PyTree  # the random weights, shared by everyone
-    scores: PyTree  # logit(theta_g), what is broadcast
+    scores: PyTree  # what is broadcast: logit(theta_g), or of its compressed form
     alpha: PyTree
     beta: PyTree
     round: jax.Array
+    key: jax.Array  # for a server-sampled broadcast mask
 
 
 class FedPMClientState(NamedTuple):
     scores: PyTree
     opt_state: optax.OptState
+
+
+def init_model_variables(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> dict:
+    """Scores and frozen weights from one key -- how a saved model rebuilds its weights."""
+    k_scores, k_frozen, k_mask = jax.random.split(key, 3)
+    return model.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, sample_x)
+
+
+def server_key(seed: int) -> jax.Array:
+    """The key ``server_init`` gets in a run with this seed."""
+    return jax.random.fold_in(jax.random.key(seed), 0)
 
 
 def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> FederatedAlgorithm:
@@ -61,8 +83,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Federat
     thresholded = model.clone(mask_mode="threshold")
 
     def init_variables(key):
-        k_scores, k_frozen, k_mask = jax.random.split(key, 3)
-        return model.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, sample_x)
+        return init_model_variables(model, sample_x, key)
 
     shapes = jax.eval_shape(init_variables, jax.random.key(0))
     num_params = count_entries(shapes["params"])
@@ -74,6 +95,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Federat
         return FedPMServerState(
             frozen=variables["frozen"], scores=scores, alpha=full(config.lambda0),
             beta=full(config.lambda0), round=jnp.zeros((), jnp.int32),
+            key=jax.random.fold_in(key, 1),
         )
 
     def persistent_init():
@@ -122,8 +144,23 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Federat
         alpha = jax.tree.map(lambda a, s: prior(a) + s, server.alpha, ones)
         beta = jax.tree.map(lambda b, s: prior(b) + (k - s), server.beta, ones)
         theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
+        theta = compress_broadcast(theta, jax.random.fold_in(server.key, server.round))
         scores = jax.tree.map(lambda t: jnp.log(t) - jnp.log1p(-t), theta)
         return server._replace(scores=scores, alpha=alpha, beta=beta, round=server.round + 1)
+
+    def compress_broadcast(theta, key):
+        """What the clients receive in place of theta_g (the posterior stays exact)."""
+        if config.downlink == "quantized":  # mid-points of 2**bits equal bins of [0, 1]
+            levels = 2 ** config.downlink_bits
+            return jax.tree.map(
+                lambda t: (jnp.clip(jnp.floor(t * levels), 0, levels - 1) + 0.5) / levels, theta)
+        if config.downlink == "sampled_mask":  # one binary mask, smoothed like an uplink mask
+            leaves, treedef = jax.tree.flatten(theta)
+            keys = jax.random.split(key, len(leaves))
+            return jax.tree.unflatten(treedef, [
+                masking.smooth_mask(jax.random.bernoulli(k, t).astype(jnp.float32), config.epsilon)
+                for k, t in zip(keys, leaves)])
+        return theta
 
     def evaluate(server: FedPMServerState, batch: Batch, key):
         variables = {"params": server.scores, "frozen": server.frozen}
@@ -137,11 +174,43 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Federat
             "test_accuracy_thresholded": hit(logits_thr),
         }
 
+    def uplink_payload(mask_tree):
+        """The client's binary mask, flattened and bit-packed (1 bit per entry)."""
+        flat = jnp.concatenate([m.ravel() for m in jax.tree.leaves(mask_tree)])
+        return jnp.packbits(flat.astype(jnp.uint8))
+
     return FederatedAlgorithm(
         name="fedpm", server_init=server_init, persistent_init=persistent_init,
         client_init=client_init, client_step=client_step, client_finish=client_finish,
         server_update=server_update, evaluate=evaluate, num_params=num_params,
+        uplink_payload=uplink_payload,
     )
+
+
+def downlink_bits_per_param(config: FedPMConfig, broadcast_theta_flat: np.ndarray) -> float:
+    """Bits per entry of one broadcast: 32 for float scores, B for B-bit theta, or the ideal
+    size of the server-sampled mask."""
+    if config.downlink == "quantized":
+        return float(config.downlink_bits)
+    if config.downlink == "sampled_mask":
+        n = broadcast_theta_flat.size
+        return float(masking.mask_bits(jnp.float32((broadcast_theta_flat > 0.5).sum()), n)) / n
+    return 32.0
+
+
+def flat(tree: PyTree) -> np.ndarray:
+    """All leaves of a parameter tree as one flat host array, in the uplink payload's order."""
+    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+
+
+def unflat(vector: np.ndarray, like: PyTree) -> PyTree:
+    """Inverse of ``flat`` for a tree shaped like ``like``."""
+    leaves, treedef = jax.tree.flatten(like)
+    out, start = [], 0
+    for leaf in leaves:
+        out.append(jnp.asarray(vector[start:start + leaf.size].reshape(leaf.shape), leaf.dtype))
+        start += leaf.size
+    return jax.tree.unflatten(treedef, out)
 
 
 def theta(server: FedPMServerState) -> PyTree:

@@ -1,0 +1,72 @@
+"""Real bitstreams for binary masks: range coding with ``constriction``.
+
+Two codes for one mask, both lossless:
+
+* *global* -- every entry is Bernoulli(f) with f the mask's own fraction of ones, sent
+  first as a 32-bit count; the cost the reference's ideal H_b(f) + log2(n)/n stands for;
+* *prior* -- entry i is Bernoulli(theta_i) with theta the probabilities both ends already
+  hold (the server's broadcast theta_g), free side information that is worth most when the
+  clients' masks agree with the global model.
+
+Coding runs on the host, outside the jitted round. Sizes are whole 32-bit words, the unit
+``constriction``'s range coder emits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_COUNT_BITS = 32  # the global code's header: the number of ones
+
+
+def _bernoulli():
+    import constriction
+
+    return constriction.stream.model.Bernoulli(perfect=False)
+
+
+def _probs(p: np.ndarray, n: int) -> np.ndarray:
+    p = np.broadcast_to(np.asarray(p, np.float64), (n,))
+    # constriction needs p in [0, 1]; clip so that an entry it is sure about stays codable.
+    return np.clip(p, 1e-7, 1 - 1e-7)
+
+
+def encode(mask: np.ndarray, probs) -> np.ndarray:
+    """Range-codes a flat 0/1 mask with per-entry (or one scalar) keep-probabilities."""
+    import constriction
+
+    symbols = np.ascontiguousarray(mask, np.int32).ravel()
+    enc = constriction.stream.queue.RangeEncoder()
+    enc.encode(symbols, _bernoulli(), _probs(probs, symbols.size))
+    return enc.get_compressed()
+
+
+def decode(words: np.ndarray, probs, n: int) -> np.ndarray:
+    """Inverse of ``encode``: n 0/1 entries (uint8)."""
+    import constriction
+
+    dec = constriction.stream.queue.RangeDecoder(np.asarray(words, np.uint32))
+    return dec.decode(_bernoulli(), _probs(probs, n)).astype(np.uint8)
+
+
+def global_probability(num_ones: int, n: int) -> float:
+    return num_ones / n
+
+
+def encode_global(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """The global code: (number of ones, words)."""
+    mask = np.asarray(mask).ravel()
+    ones = int(mask.sum())
+    return ones, encode(mask, global_probability(ones, mask.size))
+
+
+def decode_global(ones: int, words: np.ndarray, n: int) -> np.ndarray:
+    return decode(words, global_probability(ones, n), n)
+
+
+def global_bits(words: np.ndarray) -> int:
+    return 32 * len(words) + _COUNT_BITS
+
+
+def prior_bits(words: np.ndarray) -> int:
+    return 32 * len(words)
