@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fedmask_jax import coding, engine, masking, models, outputs
+from fedmask_jax import coding, engine, masking, models, outputs, plots
 from fedmask_jax import export as export_lib
 from fedmask_jax.algorithms import fedpm as fedpm_lib
 from fedmask_jax.data import DATASETS, SPLITS, load_dataset, partition
@@ -204,6 +204,8 @@ class Simulation:
                   f"{self.mesh.size} device(s), "
                   f"backend {jax.default_backend()}; compiled in {compile_s:.1f}s", flush=True)
         round_times, bpps, last_eval, history = [], [], {}, {}
+        cumulative = {"cumulative_uplink_bits": 0.0, "cumulative_uplink_bits_coded": 0.0}
+        self.write_config_record()
         for r in range(cfg.rounds):
             ids, valid = self._cohort(r)
             t0 = time.perf_counter()
@@ -224,6 +226,13 @@ class Simulation:
                            "train_loss": float(metrics["train_loss"]),
                            "mask_density": float(metrics["mask_density"]),
                            "downlink_bpp": fedpm_lib.downlink_bits_per_param(self.fedpm_config, broadcast)})
+            # Whole-cohort uplink so far: the reference's ideal size, and the sent (theta_g) code.
+            cohort_entries = self.algorithm.num_params * cfg.clients_per_round
+            cumulative["cumulative_uplink_bits"] += bpp * cohort_entries
+            record["cumulative_uplink_bits"] = cumulative["cumulative_uplink_bits"]
+            if "uplink_bpp_coded_prior" in record:
+                cumulative["cumulative_uplink_bits_coded"] += record["uplink_bpp_coded_prior"] * cohort_entries
+                record["cumulative_uplink_bits_coded"] = cumulative["cumulative_uplink_bits_coded"]
             for key in ("uplink_bpp_coded_global", "uplink_bpp_coded_prior", "downlink_bpp"):
                 if key in record:
                     history.setdefault(key, []).append(record[key])
@@ -266,6 +275,7 @@ class Simulation:
             "total_time_s": time.perf_counter() - t_start,
             "config": dataclasses.asdict(cfg),
         }
+        summary["plots"] = plots.plot_runs([self.workdir], self.workdir)
         outputs.write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
         if cfg.verbose:
             print(f"done: test accuracy {summary['final_test_accuracy']:.4f} (thresholded "
@@ -280,6 +290,23 @@ class Simulation:
                   f"{summary['steady_round_time_s']:.2f}s/round; results in {self.workdir}",
                   flush=True)
         return summary
+
+    def write_config_record(self) -> None:
+        """<workdir>/config.json: every resolved setting and the package versions."""
+        from importlib import metadata
+
+        versions = {}
+        for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "tensorflow-datasets",
+                    "constriction", "fedmask_jax"):
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+        outputs.write_json_atomic(os.path.join(self.workdir, "config.json"), {
+            "config": dataclasses.asdict(self.cfg), "versions": versions,
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "strategy": self.strategy, "client_chunk_size": self.engine_config.client_chunk_size,
+        })
 
     def _code_and_aggregate(self, payloads: np.ndarray, broadcast: np.ndarray) -> dict:
         """Codes each real client's mask twice, decodes the sent (prior-coded) stream, checks

@@ -157,3 +157,29 @@ def test_compressed_downlink(tmp_path, downlink, expect):
         assert np.allclose(np.minimum(np.abs(theta - 0.01), np.abs(theta - 0.99)), 0, atol=1e-6)
         assert 0 < summary["mean_downlink_bpp"] <= 1.01
     assert summary["final_test_accuracy"] > 0.2
+
+
+def test_run_writes_plots_config_record_and_overlay_cli(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    summary = run(dataclasses.replace(TINY, workdir=a, rounds=2, eval_every=1))
+    run(dataclasses.replace(TINY, workdir=b, rounds=2, eval_every=1, seed=1))
+    for name in ("accuracy.png", "loss.png", "accuracy_vs_uplink.png"):
+        path = os.path.join(a, name)
+        assert path in summary["plots"]
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(a, "config.json")) as f:
+        record = json.load(f)
+    assert record["config"]["seed"] == 0 and record["versions"]["jax"]
+    recs = _records(a)
+    assert recs[1]["cumulative_uplink_bits"] > recs[0]["cumulative_uplink_bits"] > 0
+    assert 0 < recs[-1]["cumulative_uplink_bits_coded"] < recs[-1]["cumulative_uplink_bits"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    out = str(tmp_path / "overlay")
+    proc = subprocess.run([sys.executable, "-m", "experiments.plot", a, b, f"--out={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["accuracy.png", "accuracy_vs_uplink.png", "loss.png"]
+    proc = subprocess.run([sys.executable, "-m", "experiments.plot", str(tmp_path / "nope")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "metrics.jsonl not found" in proc.stderr

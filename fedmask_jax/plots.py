@@ -1,0 +1,74 @@
+"""PNG plots of one or several runs, read back from their workdirs (metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load_records(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a fedmask_jax run folder?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _label(run_dir: str) -> str:
+    return os.path.basename(os.path.normpath(run_dir))
+
+
+def plot_runs(run_dirs: Sequence[str], out_dir: str) -> list[str]:
+    """Accuracy and loss vs round, accuracy vs cumulative uplink megabits; returns PNG paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    runs = [(_label(d), load_records(d)) for d in run_dirs]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, recs in runs:
+        r = [x["round"] for x in recs]
+        line, = ax.plot(r, [x["test_accuracy"] for x in recs], label=f"{label} (sampled mask)")
+        ax.plot(r, [x["test_accuracy_thresholded"] for x in recs], "--", color=line.get_color(),
+                label=f"{label} (θ>0.5)")
+    ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir, "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, recs in runs:
+        r = [x["round"] for x in recs]
+        line, = ax.plot(r, [x["test_loss"] for x in recs], label=f"{label} test")
+        ax.plot(r, [x["train_loss"] for x in recs], ":", color=line.get_color(), label=f"{label} train")
+    ax.set(xlabel="round", ylabel="cross-entropy", title="Loss", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir, "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, recs in runs:
+        key = "cumulative_uplink_bits_coded" if "cumulative_uplink_bits_coded" in recs[0] else "cumulative_uplink_bits"
+        if key not in recs[0]:
+            continue  # written before cumulative counts were recorded
+        ax.plot([x[key] / 1e6 for x in recs], [x["test_accuracy"] for x in recs], marker=".",
+                label=label + (" (coded)" if key.endswith("coded") else " (ideal)"))
+    ax.set(xlabel="cumulative uplink, all clients (Mbit)", ylabel="test accuracy",
+           title="Accuracy vs communication")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir, "accuracy_vs_uplink.png"))
+    return paths
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
