@@ -49,6 +49,10 @@ flags.DEFINE_bool("coded_uplink", _D.coded_uplink, "Range-code every uplink mask
 flags.DEFINE_enum("downlink", _D.downlink, ["float32", "quantized", "sampled_mask"], "Server broadcast: float32 scores (32 bpp), theta_g quantised to --downlink_bits, or one sampled mask.")
 flags.DEFINE_integer("downlink_bits", _D.downlink_bits, "Bits per entry for --downlink=quantized (1..16).")
 flags.DEFINE_enum("export_mask", _D.export_mask, ["sampled", "thresholded", "none"], "Final model file <workdir>/model.fmjx: one mask sampled from theta_g, or 1[theta_g > 0.5].")
+flags.DEFINE_bool("tensorboard", _D.tensorboard, "Write TensorBoard scalars to <workdir>/tensorboard.")
+flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Save an orbax checkpoint every N rounds (0 = never) in <workdir>/checkpoints.")
+flags.DEFINE_bool("resume", _D.resume, "Continue the run in --workdir from its latest checkpoint.")
+flags.DEFINE_bool("allow_config_change", _D.allow_config_change, "With --resume: continue even if the flags differ from the workdir's config.json.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; coordinator from the environment, see README).")
 flags.DEFINE_string("data_dir", _D.data_dir, "TFDS data folder (default ~/tensorflow_datasets).")
 flags.DEFINE_string("archive_dir", _D.archive_dir, "Folder holding the original dataset archives.")
@@ -69,7 +73,8 @@ def config_from_flags() -> RunConfig:
         mask_gradient=F.mask_gradient, persistent_client_optimizer=F.persistent_client_optimizer,
         client_chunk_size=F.client_chunk_size, strategy=F.strategy, num_devices=F.num_devices,
         coded_uplink=F.coded_uplink, downlink=F.downlink, downlink_bits=F.downlink_bits,
-        export_mask=F.export_mask, data_dir=F.data_dir, archive_dir=F.archive_dir,
+        export_mask=F.export_mask, checkpoint_every=F.checkpoint_every, resume=F.resume, tensorboard=F.tensorboard,
+        allow_config_change=F.allow_config_change, data_dir=F.data_dir, archive_dir=F.archive_dir,
         download=F.download,
     )
 

@@ -41,11 +41,30 @@ def ensure_writable_dir(path: str, flag: str = "--workdir") -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; each line is flushed so a crash loses at most it."""
+    """Appends one JSON object per line; each line is flushed so a crash loses at most it.
 
-    def __init__(self, path: str):
+    ``keep_until=R`` keeps the existing records of rounds <= R (a resumed run) and drops the
+    rest, including a half-written last line, rewriting the file atomically first.
+    """
+
+    def __init__(self, path: str, keep_until: int = 0):
         self.path = path
-        self._file = open(path, "w")
+        kept = []
+        if keep_until and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a line cut short by a kill
+                    if record.get("round", 0) <= keep_until:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".jsonl")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -53,6 +72,26 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class TensorBoardLog:
+    """Every numeric field of a round's record as a TensorBoard scalar (tensorboardX)."""
+
+    def __init__(self, logdir: str, start_round: int = 0):
+        from tensorboardX import SummaryWriter
+
+        # purge_step drops events a killed run wrote after its last checkpoint.
+        self._writer = SummaryWriter(logdir, purge_step=start_round + 1 if start_round else None)
+
+    def write(self, record: dict) -> None:
+        step = record["round"]
+        for key, value in record.items():
+            if key != "round" and isinstance(value, (int, float)):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def format_eta(seconds: float) -> str:

@@ -7,7 +7,9 @@ metrics -> sinks (console, metrics.jsonl, summary.json).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import statistics
 import time
 from typing import Sequence
@@ -61,6 +63,10 @@ class RunConfig:
     downlink: str = "float32"  # float32 | quantized | sampled_mask
     downlink_bits: int = 4
     export_mask: str = "sampled"  # sampled | thresholded | none: the final model file
+    tensorboard: bool = True  # scalars in <workdir>/tensorboard (tensorboardX, no TensorFlow)
+    checkpoint_every: int = 0  # save a checkpoint every N rounds (0 = never)
+    resume: bool = False  # continue the run in workdir from its latest checkpoint
+    allow_config_change: bool = False  # resume even if the flags differ from the recorded ones
     data_dir: str | None = None
     archive_dir: str | None = None
     download: bool = True
@@ -101,6 +107,7 @@ def validate(cfg: RunConfig) -> None:
            f"--strategy={cfg.strategy!r} is unknown; allowed: auto, {', '.join(engine.STRATEGIES)}")
     _check(cfg.export_mask in ("sampled", "thresholded", "none"),
            f"--export_mask={cfg.export_mask!r} is unknown; allowed: sampled, thresholded, none")
+    _check(cfg.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (0 = never), got {cfg.checkpoint_every}")
     _check(cfg.num_devices >= 0, f"--num_devices must be >= 0 (0 = all), got {cfg.num_devices}")
     _check(cfg.client_chunk_size >= 0, f"--client_chunk_size must be >= 0 (0 = auto), got {cfg.client_chunk_size}")
     _fedpm_config(cfg)  # raises on bad epsilon / lambda0 / reset period / lr
@@ -196,17 +203,26 @@ class Simulation:
         cfg = self.cfg
         t_start = time.perf_counter()
         compile_s = self.compile()
-        log = outputs.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"))
         if cfg.verbose:
             print(f"fedmask_jax: {cfg.algorithm} {cfg.model} on {cfg.dataset} "
                   f"({self.algorithm.num_params:,} mask entries), {cfg.clients_per_round} of "
                   f"{cfg.num_clients} clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}, "
                   f"{self.mesh.size} device(s), "
                   f"backend {jax.default_backend()}; compiled in {compile_s:.1f}s", flush=True)
-        round_times, bpps, last_eval, history = [], [], {}, {}
-        cumulative = {"cumulative_uplink_bits": 0.0, "cumulative_uplink_bits_coded": 0.0}
+        host = {"round_times": [], "bpps": [], "last_eval": {}, "history": {},
+                "cumulative": {"cumulative_uplink_bits": 0.0, "cumulative_uplink_bits_coded": 0.0}}
+        start = 0
+        if cfg.resume:
+            start, host = self.restore(host)
+        elif os.path.isdir(self._checkpoint_dir):
+            shutil.rmtree(self._checkpoint_dir)  # a fresh run replaces an old one's checkpoints
         self.write_config_record()
-        for r in range(cfg.rounds):
+        log = outputs.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"), keep_until=start)
+        board = outputs.TensorBoardLog(os.path.join(self.workdir, "tensorboard"), start) \
+            if cfg.tensorboard else None
+        round_times, bpps, history, cumulative = (host[k] for k in ("round_times", "bpps", "history", "cumulative"))
+        last_eval = host["last_eval"]
+        for r in range(start, cfg.rounds):
             ids, valid = self._cohort(r)
             t0 = time.perf_counter()
             broadcast = fedpm_lib.flat(fedpm_lib.theta(self.server))
@@ -241,13 +257,20 @@ class Simulation:
                 ev = jax.device_get(self._eval(self.server, self.x_test, self.y_test,
                                                jax.random.fold_in(self._eval_root, r)))
                 last_eval = {k: float(v) for k, v in ev.items()}
+                host["last_eval"] = last_eval
                 record.update(last_eval, eval_time_s=time.perf_counter() - t_eval,
                               elapsed_s=time.perf_counter() - t_start)
                 log.write(record)
+            if board:
+                board.write(record)
+            if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
+                self.save_checkpoint(r + 1, host)
             if cfg.verbose:
                 eta = statistics.median(round_times) * (cfg.rounds - r - 1)
                 outputs.progress_line(record, cfg.rounds, eta)
         log.close()
+        if board:
+            board.close()
 
         summary = {
             "final_test_accuracy": last_eval["test_accuracy"],
@@ -290,6 +313,71 @@ class Simulation:
                   f"{summary['steady_round_time_s']:.2f}s/round; results in {self.workdir}",
                   flush=True)
         return summary
+
+    @property
+    def _checkpoint_dir(self) -> str:
+        return os.path.join(self.workdir, "checkpoints")
+
+    def _checkpoint_manager(self):
+        import orbax.checkpoint as ocp
+
+        return ocp.CheckpointManager(
+            self._checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+    def _device_state(self):
+        # Typed PRNG keys are stored as their raw key data.
+        server = self.server._replace(key=jax.random.key_data(self.server.key))
+        return {"server": server, "store": self.store}
+
+    def save_checkpoint(self, rounds_done: int, host: dict) -> None:
+        """Server state, client store and host-side history after ``rounds_done`` rounds.
+
+        orbax writes into a temporary folder and renames it when complete, so a kill at any
+        moment leaves the previous checkpoint intact.
+        """
+        import orbax.checkpoint as ocp
+
+        with self._checkpoint_manager() as mngr:
+            mngr.save(rounds_done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self._device_state()), host=ocp.args.JsonSave(host)))
+            mngr.wait_until_finished()
+
+    def restore(self, host: dict) -> tuple[int, dict]:
+        """Loads the latest checkpoint of this workdir; returns (rounds done, host history)."""
+        import orbax.checkpoint as ocp
+
+        self._check_same_config()
+        with self._checkpoint_manager() as mngr:
+            step = mngr.latest_step()
+            if step is None:
+                if self.cfg.verbose:
+                    print(f"resume: no checkpoint in {self._checkpoint_dir}; starting afresh", flush=True)
+                return 0, host
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(self._device_state()), host=ocp.args.JsonRestore()))
+        state = restored.state
+        self.server = state["server"]._replace(key=jax.random.wrap_key_data(state["server"].key))
+        self.store = state["store"]
+        if self.cfg.verbose:
+            print(f"resume: continuing after round {step} from {self._checkpoint_dir}", flush=True)
+        return int(step), dict(restored.host)
+
+    _RESUME_FLAGS = ("resume", "allow_config_change", "verbose", "checkpoint_every")
+
+    def _check_same_config(self) -> None:
+        path = os.path.join(self.workdir, "config.json")
+        if not os.path.isfile(path) or self.cfg.allow_config_change:
+            return
+        with open(path) as f:
+            recorded = json.load(f)["config"]
+        current = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+        differ = sorted(k for k in set(recorded) | set(current)
+                        if k not in self._RESUME_FLAGS and recorded.get(k) != current.get(k))
+        if differ:
+            raise ValueError(
+                f"--resume: {self.workdir} was run with different flags: "
+                + ", ".join(f"--{k} was {recorded.get(k)!r}, now {current.get(k)!r}" for k in differ)
+                + "; pass --allow_config_change to resume anyway, or use another --workdir")
 
     def write_config_record(self) -> None:
         """<workdir>/config.json: every resolved setting and the package versions."""

@@ -183,3 +183,31 @@ def test_run_writes_plots_config_record_and_overlay_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.plot", str(tmp_path / "nope")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "metrics.jsonl not found" in proc.stderr
+
+
+def _read_events(folder):
+    """Scalars from TFRecord-framed event files, parsed with tensorboardX's own protos."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for name in os.listdir(folder):
+        data = open(os.path.join(folder, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    run(dataclasses.replace(TINY, workdir=str(tmp_path), rounds=2, eval_every=1))
+    scalars = _read_events(str(tmp_path / "tensorboard"))
+    recs = _records(str(tmp_path))
+    assert [s for s, _ in scalars["test_accuracy"]] == [1, 2]
+    assert [v for _, v in scalars["test_accuracy"]] == pytest.approx([r["test_accuracy"] for r in recs])
+    assert {"uplink_bpp", "uplink_bpp_coded_prior", "train_loss", "downlink_bpp"} <= set(scalars)
