@@ -211,3 +211,15 @@ def test_tensorboard_scalars_are_written(tmp_path):
     assert [s for s, _ in scalars["test_accuracy"]] == [1, 2]
     assert [v for _, v in scalars["test_accuracy"]] == pytest.approx([r["test_accuracy"] for r in recs])
     assert {"uplink_bpp", "uplink_bpp_coded_prior", "train_loss", "downlink_bpp"} <= set(scalars)
+
+
+def test_conv_model_host_loop_and_scan_runs_agree_with_coded_uplink(tmp_path):
+    base = dataclasses.replace(TINY, model="conv4", width=0.125, num_clients=3,
+                               clients_per_round=2, rounds=2, eval_every=1)
+    a = run(dataclasses.replace(base, workdir=str(tmp_path / "h"), strategy="host_loop"))
+    b = run(dataclasses.replace(base, workdir=str(tmp_path / "s"), strategy="scan"))
+    assert a["strategy"] == "host_loop" and b["strategy"] == "scan"
+    ra, rb = _records(str(tmp_path / "h")), _records(str(tmp_path / "s"))
+    for x, y in zip(ra, rb):
+        for key in ("test_loss", "train_loss", "uplink_bpp", "uplink_bpp_coded_prior"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4), key
