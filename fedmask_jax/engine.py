@@ -314,7 +314,6 @@ class _HostLoopRound:
 
     def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, collect_uplink: bool = False):
         self.cfg = cfg
-        self.collect_uplink = collect_uplink
         chunk, b = cfg.client_chunk_size, cfg.batch_size
 
         def begin(server, store, data, ids, keys):
