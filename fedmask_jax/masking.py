@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 GRADIENTS = ("reference", "straight_through")
-MASK_MODES = ("sample", "threshold", "expected")
+MASK_MODES = ("sample", "threshold", "threshold_ste", "expected")
 
 
 @jax.custom_vjp
@@ -50,6 +50,13 @@ def sample_mask(scores: jax.Array, key: jax.Array, gradient: str = "reference") 
 def threshold_mask(scores: jax.Array) -> jax.Array:
     """The deterministic mask 1[sigmoid(s) > 0.5] (equivalently s > 0)."""
     return (scores > 0).astype(scores.dtype)
+
+
+def threshold_mask_ste(scores: jax.Array) -> jax.Array:
+    """1[sigmoid(s) > 0.5] forward; straight-through backward to sigmoid(s), as FedMask
+    (Li et al. 2021) trains its deterministic masks: dL/ds = dL/dm * sigmoid'(s)."""
+    theta = jax.nn.sigmoid(scores)
+    return theta + jax.lax.stop_gradient(threshold_mask(scores) - theta)
 
 
 def smooth_mask(mask: jax.Array, epsilon: float) -> jax.Array:

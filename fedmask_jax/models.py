@@ -67,6 +67,8 @@ class _MaskedLayer(nn.Module):
             mask = masking.sample_mask(scores, self.make_rng("mask"), self.mask_gradient)
         elif self.mask_mode == "threshold":
             mask = masking.threshold_mask(scores)
+        elif self.mask_mode == "threshold_ste":
+            mask = masking.threshold_mask_ste(scores)
         elif self.mask_mode == "expected":
             mask = jax.nn.sigmoid(scores)
         else:

@@ -106,7 +106,10 @@ def format_eta(seconds: float) -> str:
 def progress_line(record: dict, total_rounds: int, eta_s: float, out: TextIO = sys.stdout) -> None:
     parts = [f"round {record['round']:>4}/{total_rounds}"]
     if "test_accuracy" in record:
-        parts.append(f"acc {record['test_accuracy']:.4f} (thr {record['test_accuracy_thresholded']:.4f})")
+        acc = f"acc {record['test_accuracy']:.4f}"
+        if "test_accuracy_thresholded" in record:
+            acc += f" (thr {record['test_accuracy_thresholded']:.4f})"
+        parts.append(acc)
         parts.append(f"test loss {record['test_loss']:.3f}")
     parts.append(f"train loss {record['train_loss']:.3f}")
     parts.append(f"bpp {record['uplink_bpp']:.3f}")

@@ -33,6 +33,10 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, recs in runs:
         r = [x["round"] for x in recs]
+        # Only FedPM has two models to show: a sampled mask and the thresholded one.
+        if recs[0].get("algorithm", "fedpm") != "fedpm" or "test_accuracy_thresholded" not in recs[0]:
+            ax.plot(r, [x["test_accuracy"] for x in recs], label=label)
+            continue
         line, = ax.plot(r, [x["test_accuracy"] for x in recs], label=f"{label} (sampled mask)")
         ax.plot(r, [x["test_accuracy_thresholded"] for x in recs], "--", color=line.get_color(),
                 label=f"{label} (θ>0.5)")
@@ -72,3 +76,30 @@ def _save(fig, out_dir: str, name: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_comparison(runs: Sequence[tuple[str, str]], out_dir: str,
+                    target: float | None = None) -> list[str]:
+    """One line per method: accuracy vs round, and accuracy vs cumulative uplink (log scale,
+    since the methods' messages differ by orders of magnitude). ``runs`` is (label, workdir)."""
+    os.makedirs(out_dir, exist_ok=True)
+    loaded = [(label, load_records(d)) for label, d in runs]
+    paths = []
+    for name, xkey, xlabel, xscale in (
+        ("compare_accuracy.png", "round", "round", "linear"),
+        ("compare_accuracy_vs_uplink.png", "cumulative_uplink_bits",
+         "cumulative uplink, all clients (Mbit, log scale)", "log"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, recs in loaded:
+            xs = [x[xkey] / (1e6 if xkey != "round" else 1) for x in recs]
+            ax.plot(xs, [x["test_accuracy"] for x in recs], marker="." if len(recs) < 60 else None,
+                    label=label)
+        if target is not None:
+            ax.axhline(target, color="gray", ls=":", lw=1, label=f"target {target:g}")
+        ax.set(xlabel=xlabel, ylabel="test accuracy", xscale=xscale,
+               title="Accuracy per round" if xkey == "round" else "Accuracy vs uplink communication")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+        paths.append(_save(fig, out_dir, name))
+    return paths

@@ -21,10 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fedmask_jax import coding, engine, masking, models, outputs, plots
 from fedmask_jax import export as export_lib
+from fedmask_jax.algorithms import fedavg as fedavg_lib
 from fedmask_jax.algorithms import fedpm as fedpm_lib
-from fedmask_jax.data import DATASETS, SPLITS, load_dataset, partition
+from fedmask_jax.algorithms import registry
+from fedmask_jax.data import DATASETS, SPLITS, holdout_validation, load_dataset, partition
 
-ALGORITHMS = ("fedpm",)
+ALGORITHMS = tuple(registry.METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,16 @@ class RunConfig:
     local_epochs: int = 3
     batch_size: int = 128
     client_lr: float = 0.1
+    client_optimizer: str = "auto"  # auto (adam for mask methods, sgd for dense) | sgd | sgdm | adam
+    client_momentum: float = 0.9  # for sgdm
+    server_optimizer: str = "sgd"  # dense methods: optax optimizer on -(aggregated update)
+    server_lr: float = 0.0  # 0 = the method's default (1 = plain FedAvg)
+    server_momentum: float = 0.9  # for sgdm
+    topk_fraction: float = 0.01
+    qsgd_levels: int = 8
+    qsgd_bucket: int = 512
+    drive_chunk: int = 4096
+    validation_fraction: float = 0.0  # > 0: evaluate on this held-out part of the training set
     split: str = "iid"
     classes_per_client: int = 2
     dirichlet_alpha: float = 0.5
@@ -62,7 +74,7 @@ class RunConfig:
     coded_uplink: bool = True  # range-code every uplink mask on the host; aggregate the decoded
     downlink: str = "float32"  # float32 | quantized | sampled_mask
     downlink_bits: int = 4
-    export_mask: str = "sampled"  # sampled | thresholded | none: the final model file
+    export_mask: str = "auto"  # auto | sampled | thresholded | none: the final model file
     tensorboard: bool = True  # scalars in <workdir>/tensorboard (tensorboardX, no TensorFlow)
     checkpoint_every: int = 0  # save a checkpoint every N rounds (0 = never)
     resume: bool = False  # continue the run in workdir from its latest checkpoint
@@ -105,12 +117,43 @@ def validate(cfg: RunConfig) -> None:
            f"--max_examples_per_client must be >= 0 (0 = no cap), got {cfg.max_examples_per_client}")
     _check(cfg.strategy in ("auto", *engine.STRATEGIES),
            f"--strategy={cfg.strategy!r} is unknown; allowed: auto, {', '.join(engine.STRATEGIES)}")
-    _check(cfg.export_mask in ("sampled", "thresholded", "none"),
-           f"--export_mask={cfg.export_mask!r} is unknown; allowed: sampled, thresholded, none")
+    _check(cfg.export_mask in EXPORT_MASKS,
+           f"--export_mask={cfg.export_mask!r} is unknown; allowed: {', '.join(EXPORT_MASKS)}")
+    _check(0.0 <= cfg.validation_fraction < 1.0,
+           f"--validation_fraction must be in [0, 1) (0 = evaluate on the test set), got {cfg.validation_fraction}")
     _check(cfg.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (0 = never), got {cfg.checkpoint_every}")
     _check(cfg.num_devices >= 0, f"--num_devices must be >= 0 (0 = all), got {cfg.num_devices}")
     _check(cfg.client_chunk_size >= 0, f"--client_chunk_size must be >= 0 (0 = auto), got {cfg.client_chunk_size}")
-    _fedpm_config(cfg)  # raises on bad epsilon / lambda0 / reset period / lr
+    _check(cfg.server_lr >= 0, f"--server_lr must be > 0 (0 = the method's default), got {cfg.server_lr}")
+    _check(cfg.client_optimizer in ("auto", *fedavg_lib.OPTIMIZERS),
+           f"--client_optimizer={cfg.client_optimizer!r} is unknown; allowed: auto, {', '.join(fedavg_lib.OPTIMIZERS)}")
+    if registry.is_mask_method(cfg.algorithm):
+        _check(cfg.client_optimizer in ("auto", "adam"),
+               f"--client_optimizer={cfg.client_optimizer!r}: {cfg.algorithm} trains its scores "
+               "with Adam (the reference); use auto or adam")
+        _fedpm_config(cfg)  # raises on bad epsilon / lambda0 / reset period / lr
+    else:
+        _fedavg_config(cfg)  # raises on bad optimizers / learning rates / momenta
+        registry.compressor_for(cfg.algorithm, 2, [1, 1], _compression_config(cfg))
+        _check(cfg.downlink == "float32",
+               f"--downlink={cfg.downlink!r} applies to mask methods; {cfg.algorithm} broadcasts float32 weights")
+
+
+EXPORT_MASKS = ("auto", "sampled", "thresholded", "none")
+
+
+def _fedavg_config(cfg: RunConfig) -> fedavg_lib.FedAvgConfig:
+    return fedavg_lib.FedAvgConfig(
+        client_optimizer="sgd" if cfg.client_optimizer == "auto" else cfg.client_optimizer,
+        client_lr=cfg.client_lr, client_momentum=cfg.client_momentum,
+        server_optimizer=cfg.server_optimizer,
+        server_lr=cfg.server_lr or registry.default_server_lr(cfg.algorithm),
+        server_momentum=cfg.server_momentum)
+
+
+def _compression_config(cfg: RunConfig) -> registry.CompressionConfig:
+    return registry.CompressionConfig(topk_fraction=cfg.topk_fraction, qsgd_levels=cfg.qsgd_levels,
+                                      qsgd_bucket=cfg.qsgd_bucket, drive_chunk=cfg.drive_chunk)
 
 
 def _fedpm_config(cfg: RunConfig) -> fedpm_lib.FedPMConfig:
@@ -142,17 +185,22 @@ class Simulation:
         archive_dirs = [cfg.archive_dir] if cfg.archive_dir else []
         self.dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir,
                                     archive_dirs=archive_dirs, download=cfg.download)
+        if cfg.validation_fraction > 0:  # tuning: evaluate on held-out training data
+            self.dataset = holdout_validation(self.dataset, cfg.validation_fraction, cfg.seed)
         self.partition = partition(
             self.dataset.y_train, cfg.num_clients, cfg.split, seed=cfg.seed,
             classes_per_client=cfg.classes_per_client, dirichlet_alpha=cfg.dirichlet_alpha,
             max_examples_per_client=cfg.max_examples_per_client or None)
         _validate_partition(cfg, self.partition)
 
+        self.masked = registry.is_mask_method(cfg.algorithm)
         self.model = models.build_model(
             cfg.model, self.dataset.num_classes, width=cfg.width, mlp_hidden=cfg.mlp_hidden,
-            weight_init=cfg.weight_init, mask_gradient=cfg.mask_gradient)
+            masked=self.masked, weight_init=cfg.weight_init, mask_gradient=cfg.mask_gradient)
         sample_x = jnp.zeros((1, *self.dataset.input_shape), jnp.uint8)
-        self.algorithm = fedpm_lib.fedpm(self.model, sample_x, _fedpm_config(cfg))
+        self.algorithm = registry.build(
+            cfg.algorithm, self.model, sample_x, fedpm_config=_fedpm_config(cfg),
+            fedavg_config=_fedavg_config(cfg), compression=_compression_config(cfg))
 
         chunk = cfg.client_chunk_size or engine.auto_chunk_size(
             cfg.clients_per_round, self.algorithm.num_params, conv=models.is_conv(cfg.model),
@@ -162,8 +210,11 @@ class Simulation:
         self.engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk)
         # The host loop drives one device; the scanned round shards clients over the mesh.
         self.mesh = engine.clients_mesh(cfg.num_devices if self.strategy == "scan" else 1)
+        # Real bitstreams exist for the binary-mask messages (coding.py); other methods' sizes
+        # are counted from their messages by their compressors.
+        self.coded_uplink = cfg.coded_uplink and self.algorithm.uplink_payload is not None
         self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config, self.strategy,
-                                             self.mesh, collect_uplink=cfg.coded_uplink)
+                                             self.mesh, collect_uplink=self.coded_uplink)
         self.server_update = jax.jit(self.algorithm.server_update, donate_argnums=(0,))
         self.fedpm_config = _fedpm_config(cfg)
         self.eval_fn = engine.make_eval_fn(self.algorithm, cfg.eval_batch_size)
@@ -176,6 +227,8 @@ class Simulation:
         self._round_root = jax.random.fold_in(root, 1)
         self._eval_root = jax.random.fold_in(root, 2)
         self.server = self.algorithm.server_init(fedpm_lib.server_key(cfg.seed))
+        self.export_mask = ("thresholded" if cfg.algorithm == "fedmask" else "sampled") \
+            if cfg.export_mask == "auto" else cfg.export_mask
         self.store = engine.init_store(self.algorithm, cfg.num_clients)
         if self.mesh.size > 1:  # the compiled round expects exactly these placements
             replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -205,7 +258,7 @@ class Simulation:
         compile_s = self.compile()
         if cfg.verbose:
             print(f"fedmask_jax: {cfg.algorithm} {cfg.model} on {cfg.dataset} "
-                  f"({self.algorithm.num_params:,} mask entries), {cfg.clients_per_round} of "
+                  f"({self.algorithm.num_params:,} {'mask entries' if self.masked else 'parameters'}), {cfg.clients_per_round} of "
                   f"{cfg.num_clients} clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}, "
                   f"{self.mesh.size} device(s), "
                   f"backend {jax.default_backend()}; compiled in {compile_s:.1f}s", flush=True)
@@ -225,23 +278,25 @@ class Simulation:
         for r in range(start, cfg.rounds):
             ids, valid = self._cohort(r)
             t0 = time.perf_counter()
-            broadcast = fedpm_lib.flat(fedpm_lib.theta(self.server))
+            broadcast = fedpm_lib.flat(fedpm_lib.theta(self.server)) if self.masked else None
             out = self.round_fn(self.server, self.store, self.data, ids, valid,
                                 jax.random.fold_in(self._round_root, r))
             self.server, self.store, metrics = out[:3]
             metrics = jax.device_get(metrics)
             record = {}
-            if cfg.coded_uplink:
+            if self.coded_uplink:
                 coded = self._code_and_aggregate(np.asarray(out[3]), broadcast)
                 record.update(coded)
             round_time = time.perf_counter() - t0
             round_times.append(round_time)
             bpp = float(metrics["uplink_bits"]) / self.algorithm.num_params
             bpps.append(bpp)
-            record.update({"round": r + 1, "round_time_s": round_time, "uplink_bpp": bpp,
-                           "train_loss": float(metrics["train_loss"]),
-                           "mask_density": float(metrics["mask_density"]),
-                           "downlink_bpp": fedpm_lib.downlink_bits_per_param(self.fedpm_config, broadcast)})
+            record.update({name: float(value) for name, value in metrics.items()
+                           if name not in ("uplink_bits", "num_examples")})
+            record.update({"round": r + 1, "algorithm": cfg.algorithm, "round_time_s": round_time,
+                           "uplink_bpp": bpp,
+                           "downlink_bpp": fedpm_lib.downlink_bits_per_param(self.fedpm_config, broadcast)
+                           if self.masked else 32.0})
             # Whole-cohort uplink so far: the reference's ideal size, and the sent (theta_g) code.
             cohort_entries = self.algorithm.num_params * cfg.clients_per_round
             cumulative["cumulative_uplink_bits"] += bpp * cohort_entries
@@ -273,13 +328,13 @@ class Simulation:
             board.close()
 
         summary = {
-            "final_test_accuracy": last_eval["test_accuracy"],
-            "final_test_accuracy_thresholded": last_eval["test_accuracy_thresholded"],
-            "final_test_loss": last_eval["test_loss"],
+            **{f"final_{k}": v for k, v in last_eval.items()},
+            "eval_split": "validation" if cfg.validation_fraction > 0 else "test",
             "mean_uplink_bpp": float(np.mean(bpps)),
+            "total_uplink_bits": cumulative["cumulative_uplink_bits"],
             **{f"mean_{k}": float(np.mean(v)) for k, v in history.items()},
-            **self.final_model_bpp(),
-            **self.export(),
+            **(self.final_model_bpp() if self.masked else {}),
+            **(self.export() if self.masked else {}),
             "rounds": cfg.rounds,
             "clients_per_round": cfg.clients_per_round,
             "num_clients": cfg.num_clients,
@@ -301,10 +356,12 @@ class Simulation:
         summary["plots"] = plots.plot_runs([self.workdir], self.workdir)
         outputs.write_json_atomic(os.path.join(self.workdir, "summary.json"), summary)
         if cfg.verbose:
-            print(f"done: test accuracy {summary['final_test_accuracy']:.4f} (thresholded "
-                  f"{summary['final_test_accuracy_thresholded']:.4f}), mean uplink "
-                  f"{summary['mean_uplink_bpp']:.4f} bpp, final model "
-                  f"{summary['final_model_bpp']:.4f} bpp"
+            print(f"done: {cfg.algorithm} test accuracy {summary['final_test_accuracy']:.4f}"
+                  + (f" (thresholded {summary['final_test_accuracy_thresholded']:.4f})"
+                     if "final_test_accuracy_thresholded" in summary else "")
+                  + f", mean uplink {summary['mean_uplink_bpp']:.4f} bpp"
+                  + (f", final model {summary['final_model_bpp']:.4f} bpp"
+                     if "final_model_bpp" in summary else "")
                   + (f" (file {summary['final_model_file_bpp']:.4f} bpp)" if "final_model_file_bpp" in summary else "")
                   + (f", coded uplink {summary['mean_uplink_bpp_coded_global']:.4f} bpp global / "
                      f"{summary['mean_uplink_bpp_coded_prior']:.4f} bpp with theta_g"
@@ -328,6 +385,7 @@ class Simulation:
         # Typed PRNG keys are stored as their raw key data.
         server = self.server._replace(key=jax.random.key_data(self.server.key))
         return {"server": server, "store": self.store}
+
 
     def save_checkpoint(self, rounds_done: int, host: dict) -> None:
         """Server state, client store and host-side history after ``rounds_done`` rounds.
@@ -422,10 +480,10 @@ class Simulation:
 
     def export(self) -> dict:
         """Writes <workdir>/model.fmjx (seed + architecture + coded mask) unless disabled."""
-        if self.cfg.export_mask == "none":
+        if self.export_mask == "none":
             return {}
         theta = fedpm_lib.flat(fedpm_lib.theta(self.server))
-        if self.cfg.export_mask == "thresholded":
+        if self.export_mask == "thresholded":
             mask = (theta > 0.5).astype(np.uint8)
         else:
             key = jax.random.fold_in(jax.random.key(self.cfg.seed), 4)
@@ -437,7 +495,7 @@ class Simulation:
         path = os.path.join(self.workdir, "model.fmjx")
         size = export_lib.export_model(path, architecture=architecture,
                                        input_shape=self.dataset.input_shape, seed=cfg.seed,
-                                       mask_flat=mask, mask_kind=cfg.export_mask)
+                                       mask_flat=mask, mask_kind=self.export_mask)
         return {"final_model_file": path, "final_model_file_bytes": size,
                 "final_model_file_bpp": 8.0 * size / self.algorithm.num_params}
 

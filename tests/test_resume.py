@@ -87,3 +87,17 @@ def test_metrics_log_drops_records_after_the_checkpoint_and_a_torn_line(tmp_path
     log.close()
     assert [json.loads(l) for l in path.read_text().splitlines()] == [
         {"round": 1}, {"round": 2}, {"round": 3, "x": 1}]
+
+
+def test_dense_method_with_client_memory_and_server_adam_resumes_exactly(tmp_path):
+    """Top-k's per-client error memory and the server's Adam moments survive a checkpoint."""
+    cfg = RunConfig(dataset="digits", model="mlp", mlp_hidden=(16,), num_clients=4,
+                    clients_per_round=2, rounds=4, local_epochs=1, batch_size=32,
+                    algorithm="topk", topk_fraction=0.05, server_optimizer="adam",
+                    server_lr=0.01, checkpoint_every=2, verbose=False, tensorboard=False)
+    clean = run(dataclasses.replace(cfg, workdir=str(tmp_path / "clean")))
+    half = str(tmp_path / "half")
+    run(dataclasses.replace(cfg, workdir=half, rounds=2))
+    resumed = run(dataclasses.replace(cfg, workdir=half, resume=True, allow_config_change=True))
+    assert _records(half) == _records(str(tmp_path / "clean"))
+    assert resumed["final_test_loss"] == clean["final_test_loss"]

@@ -31,6 +31,8 @@ class FedPMConfig:
     persistent_optimizer: bool = False  # keep each client's Adam state across its rounds
     downlink: str = "float32"  # float32 | quantized | sampled_mask: what the server broadcasts
     downlink_bits: int = 4  # for downlink="quantized": theta_g on 2**bits levels
+    # FedMask-style: train and send the deterministic mask 1[s > 0] instead of a sample.
+    deterministic: bool = False
 
     def __post_init__(self):
         if self.downlink not in DOWNLINKS:
@@ -77,7 +79,21 @@ def server_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 0)
 
 
-def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> FederatedAlgorithm:
+def fedmask(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> FederatedAlgorithm:
+    """FedMask-style deterministic masks (Li et al. 2021) in FedPM's frame, its closest baseline.
+
+    Clients train scores on the same frozen weights through the mask 1[sigmoid(s) > 0.5]
+    (straight-through gradient to sigmoid(s)) and send that mask; the server averages the
+    (epsilon-smoothed) masks -- FedPM's aggregation with lambda0 = 1 and a reset every round --
+    and broadcasts the logit. The only difference from FedPM is where randomness sits: none
+    in FedMask's forward pass or message.
+    """
+    return fedpm(model.clone(mask_mode="threshold_ste"), sample_x,
+                 dataclasses.replace(config, deterministic=True), name="fedmask")
+
+
+def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
+          name: str = "fedpm") -> FederatedAlgorithm:
     """Builds FedPM for a masked Flax ``model``; ``sample_x`` is one input batch for shapes."""
     optimizer = optax.adam(config.client_lr)
     thresholded = model.clone(mask_mode="threshold")
@@ -121,10 +137,11 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Federat
     def client_finish(server, state: FedPMClientState, persistent, num_examples, key):
         leaves, treedef = jax.tree.flatten(state.scores)
         keys = jax.random.split(key, len(leaves))
-        masks = [
-            jax.random.bernoulli(k, jax.nn.sigmoid(s)).astype(jnp.float32)
-            for k, s in zip(keys, leaves)
-        ]
+        if config.deterministic:
+            masks = [masking.threshold_mask(s) for s in leaves]
+        else:
+            masks = [jax.random.bernoulli(k, jax.nn.sigmoid(s)).astype(jnp.float32)
+                     for k, s in zip(keys, leaves)]
         ones = sum(jnp.sum(m) for m in masks)
         metrics = {
             "uplink_bits": masking.mask_bits(ones, num_params),
@@ -164,8 +181,10 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Federat
 
     def evaluate(server: FedPMServerState, batch: Batch, key):
         variables = {"params": server.scores, "frozen": server.frozen}
-        logits = model.apply(variables, batch.x, rngs={"mask": key})
         logits_thr = thresholded.apply(variables, batch.x)
+        # A deterministic-mask model is its thresholded network; FedPM samples one mask.
+        logits = logits_thr if config.deterministic else model.apply(
+            variables, batch.x, rngs={"mask": key})
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
         hit = lambda lg: jnp.sum((jnp.argmax(lg, -1) == batch.y) * batch.mask)  # noqa: E731
         return {
@@ -180,7 +199,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Federat
         return jnp.packbits(flat.astype(jnp.uint8))
 
     return FederatedAlgorithm(
-        name="fedpm", server_init=server_init, persistent_init=persistent_init,
+        name=name, server_init=server_init, persistent_init=persistent_init,
         client_init=client_init, client_step=client_step, client_finish=client_finish,
         server_update=server_update, evaluate=evaluate, num_params=num_params,
         uplink_payload=uplink_payload,

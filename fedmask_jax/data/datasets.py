@@ -217,3 +217,19 @@ def load_dataset(name: str, *, data_dir: str | None = None, archive_dirs: Sequen
         arrays.append(np.stack([r["image"] for r in records]).astype(np.uint8))
         arrays.append(np.array([r["label"] for r in records], np.int32))
     return Dataset(name, *arrays, num_classes=spec.num_classes)
+
+
+def holdout_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """Moves a random ``fraction`` of the training set into the evaluation slot.
+
+    For tuning hyperparameters without looking at the test set: the returned dataset trains
+    on the rest and evaluates on the held-out part (its ``x_test``/``y_test``).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--validation_fraction must be in [0, 1), got {fraction}")
+    order = np.random.default_rng([seed, 7]).permutation(len(dataset.y_train))
+    held = int(round(fraction * len(order)))
+    val, train = np.sort(order[:held]), np.sort(order[held:])
+    return dataclasses.replace(
+        dataset, name=f"{dataset.name}[validation]", x_train=dataset.x_train[train],
+        y_train=dataset.y_train[train], x_test=dataset.x_train[val], y_test=dataset.y_train[val])
