@@ -16,12 +16,12 @@ import csv
 import itertools
 import json
 import os
-import subprocess
 import sys
 
 from absl import app, flags, logging
 
 from experiments import run as run_flags  # noqa: F401 -- defines the flags a point may set
+from experiments.launch import run_point
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Grid: 'flag=v1,v2;other=a,b' (the cross product is run).")
@@ -57,16 +57,6 @@ def points(grid) -> list[dict[str, str]]:
 
 def point_name(point: dict[str, str]) -> str:
     return "__".join(f"{k}={v}" for k, v in point.items()).replace("/", "_")
-
-
-def run_point(point: dict[str, str], workdir: str, passthrough: list[str]) -> int:
-    os.makedirs(workdir, exist_ok=True)
-    cmd = [sys.executable, "-m", "experiments.run", *passthrough,
-           *(f"--{k}={v}" for k, v in point.items()), f"--workdir={workdir}", "--resume"]
-    with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def report(grid, sweep_dir: str, status: dict[str, str]) -> list[dict]:

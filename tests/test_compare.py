@@ -1,0 +1,98 @@
+"""The comparison runner end to end on digits, and the shipped comparison flagfiles."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS_DIR = os.path.join(ROOT, "experiments", "configs", "methods")
+
+
+def _compare(*args, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "experiments.compare", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+SETTING = ["--dataset=digits", "--model=mlp", "--mlp_hidden=32", "--num_clients=4",
+           "--clients_per_round=3", "--rounds=3", "--local_epochs=1", "--batch_size=32",
+           "--eval_every=1", "--notensorboard"]
+
+
+def test_compare_runs_methods_on_one_setting_and_writes_table_and_plots(tmp_path):
+    out = str(tmp_path / "cmp")
+    proc = _compare(*SETTING, "--methods=fedpm,fedavg,topk", f"--method_configs={METHODS_DIR}",
+                    f"--compare_dir={out}", "--target_accuracy=0.3")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    with open(os.path.join(out, "compare.json")) as f:
+        rows = json.load(f)
+    assert [r["method"] for r in rows] == ["fedpm", "fedavg", "topk"]
+    for row in rows:
+        for key in ("final_test_accuracy", "mean_uplink_bpp", "total_uplink_mb", "rounds_to_target"):
+            assert key in row, key
+        # total uplink = mean bits per client and round * entries * clients * rounds
+        expected_mb = row["mean_uplink_bpp"] * row["num_params"] * 3 * 3 / 8e6
+        assert row["total_uplink_mb"] == pytest.approx(expected_mb, rel=1e-6)
+        with open(os.path.join(out, row["method"], "metrics.jsonl")) as f:
+            accs = [json.loads(line)["test_accuracy"] for line in f]
+        first = next((i + 1 for i, a in enumerate(accs) if a >= 0.3), None)
+        assert row["rounds_to_target"] == first
+    by = {r["method"]: r for r in rows}
+    assert by["fedavg"]["mean_uplink_bpp"] == 32.0
+    assert by["fedpm"]["mean_uplink_bpp"] < 1.01 < by["topk"]["mean_uplink_bpp"] * 100
+    # Same setting for every method: the same split and cohorts, read from each run's config.
+    configs = []
+    for m in ("fedpm", "fedavg", "topk"):
+        with open(os.path.join(out, m, "config.json")) as f:
+            configs.append(json.load(f)["config"])
+    for key in ("dataset", "num_clients", "clients_per_round", "rounds", "seed", "split"):
+        assert len({json.dumps(c[key]) for c in configs}) == 1, key
+    assert [c["algorithm"] for c in configs] == ["fedpm", "fedavg", "topk"]
+    table = open(os.path.join(out, "compare.md")).read()
+    assert table.count("| done |") == 3 and "rounds to target" in table
+    for name in ("compare_accuracy.png", "compare_accuracy_vs_uplink.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    again = _compare(*SETTING, "--methods=fedpm,fedavg,topk", f"--method_configs={METHODS_DIR}",
+                     f"--compare_dir={out}", "--target_accuracy=0.3")
+    assert again.returncode == 0 and again.stdout.count("already done") == 3
+
+
+def test_a_method_flagfile_may_not_change_the_shared_setting(tmp_path):
+    folder = tmp_path / "methods"
+    folder.mkdir()
+    (folder / "fedavg.flags").write_text("--algorithm=fedavg\n--rounds=50\n")
+    proc = _compare(*SETTING, "--methods=fedavg", f"--method_configs={folder}",
+                    f"--compare_dir={tmp_path / 'cmp'}")
+    assert proc.returncode == 2
+    assert "fedavg.flags:2: --rounds is part of the shared setting" in proc.stderr
+    proc = _compare(*SETTING, "--methods=fedavg,nope", f"--method_configs={METHODS_DIR}",
+                    f"--compare_dir={tmp_path / 'cmp'}")
+    assert proc.returncode == 2 and "'nope' is unknown" in proc.stderr
+
+
+def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
+    from absl import flags
+
+    from experiments import compare, run as run_cli  # noqa: F401 -- defines the flags
+    from fedmask_jax.algorithms.registry import METHODS
+    from fedmask_jax.simulation import validate
+
+    setting = os.path.join(ROOT, "experiments", "configs", "fmnist_mlp_compare.flags")
+    assert sorted(f[:-6] for f in os.listdir(METHODS_DIR)) == sorted(METHODS)
+    for method in METHODS:
+        path = compare.method_flagfile(method, METHODS_DIR)
+        text = open(path).read()
+        assert "tuned here" in text or "reference code" in text or "paper" in text, path
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog", f"--flagfile={setting}", f"--flagfile={path}"])
+        cfg = run_cli.config_from_flags()
+        assert cfg.algorithm == method
+        validate(cfg)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["prog", f"--flagfile={os.path.join(ROOT, 'experiments/configs/compare_fmnist.flags')}"])
+    assert flags.FLAGS.methods == list(METHODS)
+    flags.FLAGS.unparse_flags()
