@@ -32,7 +32,7 @@ flags.DEFINE_bool("report_only", False, "Only rebuild the table and plots from f
 _OWN = ("--sweep", "--sweep_dir", "--shard", "--report_only", "--noreport_only", "--workdir")
 COLUMNS = ["final_test_accuracy", "final_test_accuracy_thresholded", "mean_uplink_bpp",
            "mean_uplink_bpp_coded_prior", "final_model_file_bpp", "steady_round_time_s",
-           "total_time_s"]
+           "total_time_s", "diverged_at_round"]
 
 
 def parse_grid(spec: str) -> list[tuple[str, list[str]]]:

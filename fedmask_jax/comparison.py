@@ -40,12 +40,14 @@ def method_row(method: str, workdir: str, target: float) -> dict:
         summary = json.load(f)
     records = load_records(workdir)
     reached, bits = rounds_to_target(records, target)
+    diverged = summary.get("diverged_at_round")
     row = {
         "method": method,
-        "status": "done",
+        "status": f"diverged at round {diverged}" if diverged else "done",
         "workdir": workdir,
         "final_test_accuracy": summary["final_test_accuracy"],
         "best_test_accuracy": max(r["test_accuracy"] for r in records),
+        "diverged_at_round": diverged,
         "mean_uplink_bpp": summary["mean_uplink_bpp"],
         "total_uplink_mb": summary["total_uplink_bits"] / 8e6,
         "target_accuracy": target,

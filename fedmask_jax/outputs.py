@@ -10,13 +10,25 @@ import tempfile
 from typing import Any, TextIO
 
 
+def finite_or_none(obj: Any) -> Any:
+    """NaN and infinities -> None (JSON null), recursively: strict JSON that jq, pandas and
+    browsers read, where Python's json would write the non-standard NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     """Writes JSON to a temp file in the same folder, then renames it over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            json.dump(finite_or_none(obj), f, indent=2, sort_keys=True, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,7 +79,7 @@ class MetricsLog:
         self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.write(json.dumps(finite_or_none(record), sort_keys=True, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

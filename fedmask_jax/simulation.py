@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
+import sys
 import time
 from typing import Sequence
 
@@ -307,7 +309,9 @@ class Simulation:
             for key in ("uplink_bpp_coded_global", "uplink_bpp_coded_prior", "downlink_bpp"):
                 if key in record:
                     history.setdefault(key, []).append(record[key])
-            if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+            # A client whose training blew up makes the aggregate non-finite: evaluate and stop.
+            diverged = not math.isfinite(record["train_loss"])
+            if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds or diverged:
                 t_eval = time.perf_counter()
                 ev = jax.device_get(self._eval(self.server, self.x_test, self.y_test,
                                                jax.random.fold_in(self._eval_root, r)))
@@ -316,6 +320,7 @@ class Simulation:
                 record.update(last_eval, eval_time_s=time.perf_counter() - t_eval,
                               elapsed_s=time.perf_counter() - t_start)
                 log.write(record)
+                diverged = diverged or not math.isfinite(last_eval["test_loss"])
             if board:
                 board.write(record)
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
@@ -323,6 +328,12 @@ class Simulation:
             if cfg.verbose:
                 eta = statistics.median(round_times) * (cfg.rounds - r - 1)
                 outputs.progress_line(record, cfg.rounds, eta)
+            if diverged:
+                host["diverged_at_round"] = r + 1
+                print(f"warning: {cfg.algorithm} diverged at round {r + 1} (non-finite loss); "
+                      "stopping the run. Lower the learning rates (--client_lr, --server_lr).",
+                      file=sys.stderr, flush=True)
+                break
         log.close()
         if board:
             board.close()
@@ -336,6 +347,8 @@ class Simulation:
             **(self.final_model_bpp() if self.masked else {}),
             **(self.export() if self.masked else {}),
             "rounds": cfg.rounds,
+            "rounds_completed": len(round_times) + start,
+            "diverged_at_round": host.get("diverged_at_round"),
             "clients_per_round": cfg.clients_per_round,
             "num_clients": cfg.num_clients,
             "dataset": cfg.dataset,

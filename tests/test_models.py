@@ -55,6 +55,20 @@ def test_frozen_weights_reproducible_from_seed():
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.parametrize("name,shape,classes", [
+    ("mlp", (28, 28, 1), 10), ("conv4", (28, 28, 1), 47), ("conv6", (32, 32, 3), 10),
+    ("conv10", (32, 32, 3), 100),
+])
+def test_dense_twins_have_as_many_weights_as_the_masked_model_has_entries(name, shape, classes):
+    x = jnp.zeros((1, *shape), jnp.uint8)
+    masked = jax.eval_shape(lambda: models.build_model(name, classes).init(RNGS, x))
+    dense = jax.eval_shape(lambda: models.build_model(name, classes, masked=False).init(RNGS, x))
+    assert set(dense) == {"params"}
+    assert models.count_entries(dense["params"]) == models.count_entries(masked["params"])
+    assert [l.shape for l in jax.tree.leaves(dense["params"])] == \
+        [l.shape for l in jax.tree.leaves(masked["params"])]
+
+
 def test_dense_twin_has_trainable_weights_only():
     model = models.build_model("conv4", 10, masked=False)
     v = model.init(RNGS, jnp.zeros((1, 28, 28, 1), jnp.uint8))

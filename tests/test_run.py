@@ -223,3 +223,26 @@ def test_conv_model_host_loop_and_scan_runs_agree_with_coded_uplink(tmp_path):
     for x, y in zip(ra, rb):
         for key in ("test_loss", "train_loss", "uplink_bpp", "uplink_bpp_coded_prior"):
             assert x[key] == pytest.approx(y[key], rel=1e-4), key
+
+
+def test_a_diverging_run_stops_with_a_warning_and_strict_json(tmp_path, capsys):
+    cfg = dataclasses.replace(TINY, workdir=str(tmp_path), algorithm="fedavg", client_lr=1e9,
+                              rounds=5, eval_every=3, verbose=True, tensorboard=False)
+    summary = run(cfg)
+    assert summary["diverged_at_round"] == 1 and summary["rounds_completed"] == 1
+    assert "diverged at round 1" in capsys.readouterr().err
+
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    lines = open(os.path.join(str(tmp_path), "metrics.jsonl")).read().splitlines()
+    records = [json.loads(line, parse_constant=reject) for line in lines]
+    assert [r["round"] for r in records] == [1]  # evaluated at once, not at round 3
+    assert records[0]["train_loss"] is None and records[0]["test_accuracy"] <= 0.2
+    on_disk = json.loads(open(os.path.join(str(tmp_path), "summary.json")).read(), parse_constant=reject)
+    assert on_disk["diverged_at_round"] == 1
+
+
+def test_healthy_run_records_no_divergence(tmp_path):
+    summary = run(dataclasses.replace(TINY, workdir=str(tmp_path), rounds=2))
+    assert summary["diverged_at_round"] is None and summary["rounds_completed"] == 2
