@@ -93,8 +93,13 @@ def plot_comparison(runs: Sequence[tuple[str, str]], out_dir: str,
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, recs in loaded:
             xs = [x[xkey] / (1e6 if xkey != "round" else 1) for x in recs]
-            ax.plot(xs, [x["test_accuracy"] for x in recs], marker="." if len(recs) < 60 else None,
-                    label=label)
+            line, = ax.plot(xs, [x["test_accuracy"] for x in recs],
+                            marker="." if len(recs) < 60 else None, label=label)
+            if xkey != "round" and "cumulative_uplink_bits_coded" in recs[0]:
+                # Mask methods also have real range-coded bitstreams (theta_g as the prior).
+                ax.plot([x["cumulative_uplink_bits_coded"] / 1e6 for x in recs],
+                        [x["test_accuracy"] for x in recs], ls="--", color=line.get_color(),
+                        label=f"{label} (θ_g-coded)")
         if target is not None:
             ax.axhline(target, color="gray", ls=":", lw=1, label=f"target {target:g}")
         ax.set(xlabel=xlabel, ylabel="test accuracy", xscale=xscale,

@@ -90,7 +90,7 @@ def test_cli_with_a_flagfile(tmp_path):
         f"--workdir={tmp_path / 'run'}"]))
     proc = _cli(f"--flagfile={flagfile}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert "round    2/2" in proc.stdout and "done: test accuracy" in proc.stdout
+    assert "round    2/2" in proc.stdout and "done: fedpm test accuracy" in proc.stdout
     assert len(_records(str(tmp_path / "run"))) == 2
 
 

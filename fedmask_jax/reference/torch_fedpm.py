@@ -162,7 +162,7 @@ def train_client(net: TorchMaskedNet, opt: torch.optim.Optimizer, x: torch.Tenso
             loss = F.cross_entropy(net(x[idx]), y[idx])
             loss.backward()
             opt.step()
-            last = float(loss)
+            last = float(loss.detach())
     return last
 
 
