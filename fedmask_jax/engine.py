@@ -448,6 +448,20 @@ def auto_strategy(*, conv: bool, backend: str) -> str:
     return "host_loop" if (backend == "cpu" and conv) else "scan"
 
 
+def cpu_cache_bytes(default: int = 32 * 2**20) -> int:
+    """The last-level cache of this host (L3 from sysconf, else L2), or ``default``."""
+    import os
+
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            size = os.sysconf(name)
+        except (ValueError, OSError):
+            continue
+        if size and size > 0:
+            return int(size)
+    return default
+
+
 def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: str,
                     memory_budget_bytes: float | None = None) -> int:
     """How many clients to vmap together, chosen per backend (DESIGN section 4).
@@ -455,16 +469,20 @@ def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: s
     On XLA:CPU a vmapped convolution becomes a grouped convolution whose gradient runs ~35x
     slower than a plain one, so conv clients run one at a time there. Everywhere else clients
     are vmapped, as many as fit a memory budget (scores, optimizer state, gradients and
-    masks: ~8 copies of the parameters per client; 256 MB on CPU, 8 GB elsewhere), preferring
-    a divisor of the cohort so no padding clients are trained.
+    masks: ~8 copies of the parameters per client), preferring a divisor of the cohort so no
+    padding clients are trained.
+
+    On CPU the budget is the last-level cache, with at least two clients: a chunk whose
+    working set stays in cache trains fastest. Measured here (32 MiB L3, MLP 784-300-100-10,
+    100 clients x 128 examples x 3 epochs): chunk 1 / 2 / 4 / 10 / 25 / 100 took 0.90 / 0.68 /
+    0.69 / 0.88 / 1.04 / 1.44 s per round; at width 0.5 chunk 2 / 4 / 8 / 20 took 0.48 / 0.38 /
+    0.37 / 0.56 s. On GPU/TPU the budget is 8 GB of device memory.
     """
     if backend == "cpu" and conv:
         return 1
-    if memory_budget_bytes is None:
-        # On CPU a wide vmap buys nothing past the cores it can feed and costs cache: 20-client
-        # chunks ran 1000 MLP clients in 8.5 s/round against 11.1 s for 200-client chunks.
-        memory_budget_bytes = 2.56e8 if backend == "cpu" else 8e9
     per_client = 8 * 4 * num_params
+    if memory_budget_bytes is None:
+        memory_budget_bytes = max(cpu_cache_bytes(), 2 * per_client) if backend == "cpu" else 8e9
     limit = int(max(1, min(cohort_size, memory_budget_bytes // per_client)))
     divisors = [d for d in range(limit, 0, -1) if cohort_size % d == 0]
     best = divisors[0]

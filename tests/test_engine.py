@@ -95,9 +95,17 @@ def test_padding_clients_do_not_count():
 
 def test_auto_chunk_size():
     assert engine.auto_chunk_size(10, 2_000_000, conv=True, backend="cpu") == 1
-    assert engine.auto_chunk_size(10, 266_610, conv=False, backend="cpu") == 10
+    # CPU: clients whose working set (8 copies of the parameters) fits the cache, at least 2.
+    cache = 32 * 2**20
+    assert engine.auto_chunk_size(10, 266_610, conv=False, backend="cpu",
+                                  memory_budget_bytes=cache) == 2
+    assert engine.auto_chunk_size(100, 125_810, conv=False, backend="cpu",
+                                  memory_budget_bytes=cache) == 5
     big = engine.auto_chunk_size(1000, 266_610, conv=False, backend="cpu")
-    assert 1 <= big < 1000 and 8 * 4 * 266_610 * big <= 2.56e8 and 1000 % big == 0
+    assert 2 <= big < 1000 and 1000 % big == 0
+    assert engine.auto_chunk_size(1000, 266_610, conv=False, backend="gpu") == 500  # 8 GB
+    assert engine.auto_chunk_size(8, 10_000_000, conv=False, backend="cpu") == 2
+    assert engine.cpu_cache_bytes() > 0
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
