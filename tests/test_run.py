@@ -215,7 +215,8 @@ def test_tensorboard_scalars_are_written(tmp_path):
 
 def test_conv_model_host_loop_and_scan_runs_agree_with_coded_uplink(tmp_path):
     base = dataclasses.replace(TINY, model="conv4", width=0.125, num_clients=3,
-                               clients_per_round=2, rounds=2, eval_every=1)
+                               clients_per_round=2, rounds=2, eval_every=1,
+                               max_examples_per_client=96)  # convs inside scan are slow on CPU
     a = run(dataclasses.replace(base, workdir=str(tmp_path / "h"), strategy="host_loop"))
     b = run(dataclasses.replace(base, workdir=str(tmp_path / "s"), strategy="scan"))
     assert a["strategy"] == "host_loop" and b["strategy"] == "scan"
