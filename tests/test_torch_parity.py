@@ -55,17 +55,20 @@ def test_torch_reference_round_learns():
     from tests.helpers import digits
 
     ds = digits()
+    torch.manual_seed(0)  # torch.bernoulli draws from the global generator, as the reference
     fed = torch_fedpm.TorchFedPM("mlp", (8, 8, 1), 10, mlp_hidden=(64,), seed=0)
     x = torch_fedpm.to_torch_input(ds.x_train)
     y = torch.from_numpy(ds.y_train.astype(np.int64))
     data = [(x[i::4], y[i::4]) for i in range(4)]
 
-    def accuracy():
+    def accuracy(masks=10):  # each forward samples a mask: average over several
         with torch.no_grad():
-            pred = fed.global_net(torch_fedpm.to_torch_input(ds.x_test)).argmax(1).numpy()
-        return float((pred == ds.y_test).mean())
+            x_test = torch_fedpm.to_torch_input(ds.x_test)
+            return float(np.mean([(fed.global_net(x_test).argmax(1).numpy() == ds.y_test).mean()
+                                  for _ in range(masks)]))
 
     before = accuracy()
     for _ in range(3):
         fed.round(data, [0, 1, 2, 3], epochs=1, batch_size=32)
-    assert accuracy() > max(before + 0.2, 0.4)
+    # Over seeds 0-7 the 10-mask mean after 3 rounds was 0.45-0.58 (from 0.02-0.10).
+    assert accuracy() > max(before + 0.2, 0.35)
