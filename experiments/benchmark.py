@@ -27,10 +27,13 @@ flags.DEFINE_list("cases", ["mlp_w1_k10", "mlp_w1_k100", "conv4_w1_k10"],
 flags.DEFINE_integer("examples_per_client", 600, "Training examples per client (Fashion-MNIST).")
 flags.DEFINE_integer("batch_size", 128, "Local batch size (capped at examples_per_client).")
 flags.DEFINE_integer("local_epochs", 3, "Local epochs.")
-flags.DEFINE_integer("timed_rounds", 2, "Steady-state rounds timed per implementation.")
+flags.DEFINE_integer("timed_rounds", 2, "Steady-state rounds timed per implementation (at least).")
+flags.DEFINE_float("min_timed_seconds", 10.0, "Keep timing rounds until this much time has passed (short rounds are noisy).")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch reference (needs the [bench] extra).")
 flags.DEFINE_integer("torch_max_clients", 1000, "Skip the PyTorch reference above this cohort.")
+flags.DEFINE_string("torch_device", "auto", "Device of the PyTorch reference: auto (cuda when torch sees a GPU, else cpu), cpu, cuda.")
 flags.DEFINE_string("strategy", "auto", "Engine strategy for the JAX side.")
+flags.DEFINE_integer("client_chunk_size", 0, "Clients vmapped together on the JAX side (0 = the engine's automatic choice).")
 flags.DEFINE_string("workdir", "runs/benchmark", "Where benchmark.json goes.")
 flags.DEFINE_string("docs", "docs/benchmarks.md", "Markdown file whose table is refreshed ('' = none).")
 flags.DEFINE_string("run_case", None, "Internal: run one case in this process and print JSON.")
@@ -81,6 +84,16 @@ def train_flops_per_example(model, input_shape) -> float:
     return 3.0 * float(cost["flops"]) / 64
 
 
+def rounds_per_second(run_round) -> float:
+    """Times rounds 1, 2, ... (after a warm-up round 0): at least --timed_rounds of them and
+    until --min_timed_seconds have passed."""
+    t, r = time.perf_counter(), 0
+    while r < F.timed_rounds or time.perf_counter() - t < F.min_timed_seconds:
+        r += 1
+        run_round(r)
+    return r / (time.perf_counter() - t)
+
+
 def run_case(case: str) -> dict:
     import jax
     import jax.numpy as jnp
@@ -101,7 +114,8 @@ def run_case(case: str) -> dict:
     backend = jax.default_backend()
     conv = models.is_conv(spec["model"])
     strategy = F.strategy if F.strategy != "auto" else engine.auto_strategy(conv=conv, backend=backend)
-    chunk = engine.auto_chunk_size(spec["k"], alg.num_params, conv=conv, backend=backend)
+    chunk = F.client_chunk_size or engine.auto_chunk_size(spec["k"], alg.num_params, conv=conv,
+                                                          backend=backend)
     cfg = engine.EngineConfig(batch, F.local_epochs, chunk)
     round_fn = engine.make_round_fn(alg, cfg, strategy)
     data = engine.client_data_from_partition(ds.x_train, ds.y_train, parts)
@@ -115,29 +129,32 @@ def run_case(case: str) -> dict:
     compile_s = round_fn.compile(server, store, data, *cohort(0), jax.random.key(0))
     server, store, m = round_fn(server, store, data, *cohort(0), jax.random.key(0))  # warm-up
     jax.block_until_ready(m)
-    t = time.perf_counter()
-    for r in range(1, F.timed_rounds + 1):
-        server, store, m = round_fn(server, store, data, *cohort(r), jax.random.key(r))
+    state = [server, store]
+
+    def jax_round(r):
+        state[0], state[1], m = round_fn(state[0], state[1], data, *cohort(r), jax.random.key(r))
         jax.block_until_ready(m)
-    jax_rps = F.timed_rounds / (time.perf_counter() - t)
+
+    jax_rps = rounds_per_second(jax_round)
     examples_per_round = F.local_epochs * sum(len(parts[c]) for c in engine.sample_cohort(0, 1, spec["n"], spec["k"]))
     flops_ex = train_flops_per_example(model, (28, 28, 1))
     jax_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    torch_rps = None
+    torch_rps, torch_device = None, None
     if F.torch and spec["k"] <= F.torch_max_clients:
         import torch
 
         from fedmask_jax.reference import torch_fedpm
 
-        fed = torch_fedpm.TorchFedPM(spec["model"], (28, 28, 1), 10, width=spec["width"])
+        torch_device = F.torch_device if F.torch_device != "auto" else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        fed = torch_fedpm.TorchFedPM(spec["model"], (28, 28, 1), 10, width=spec["width"],
+                                     device=torch_device)
         xs = [(torch_fedpm.to_torch_input(ds.x_train[p]), torch.from_numpy(ds.y_train[p].astype(np.int64)))
               for p in parts]
         fed.round(xs, engine.sample_cohort(0, 0, spec["n"], spec["k"]), F.local_epochs, batch)  # warm-up
-        t = time.perf_counter()
-        for r in range(1, F.timed_rounds + 1):
-            fed.round(xs, engine.sample_cohort(0, r, spec["n"], spec["k"]), F.local_epochs, batch)
-        torch_rps = F.timed_rounds / (time.perf_counter() - t)
+        torch_rps = rounds_per_second(lambda r: fed.round(
+            xs, engine.sample_cohort(0, r, spec["n"], spec["k"]), F.local_epochs, batch))
 
     achieved = flops_ex * examples_per_round * jax_rps / 1e9
     return {
@@ -147,7 +164,7 @@ def run_case(case: str) -> dict:
         "strategy": strategy, "client_chunk_size": chunk, "backend": backend,
         "device": str(jax.devices()[0].device_kind),
         "jax_rounds_per_s": jax_rps, "jax_examples_per_s": examples_per_round * jax_rps,
-        "torch_rounds_per_s": torch_rps,
+        "torch_rounds_per_s": torch_rps, "torch_device": torch_device,
         "torch_examples_per_s": examples_per_round * torch_rps if torch_rps else None,
         "speedup": jax_rps / torch_rps if torch_rps else None,
         "compile_time_s": compile_s,
@@ -174,7 +191,9 @@ def write_docs(results: list[dict], path: str, command: str) -> None:
     header = (f"Measured {datetime.date.today()} on {platform.node() or 'this machine'} "
               f"({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
               f"backend {results[0]['backend']} ({results[0]['device']}), JAX {jax.__version__}, "
-              f"PyTorch {torch_v}. Command: `{command}`")
+              f"PyTorch {torch_v} on "
+              f"{', '.join(sorted({r['torch_device'] for r in results if r.get('torch_device')})) or '—'}. "
+              f"Command: `{command}`")
     rows = ["| case | strategy/chunk | JAX rounds/s | PyTorch rounds/s | speedup | JAX ex/s | "
             "achieved GFLOP/s | % of GEMM peak | compile s | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -210,7 +229,8 @@ def main(argv):
     workdir = ensure_writable_dir(F.workdir)
     passthrough = [a for a in sys.argv[1:] if not a.startswith(("--cases", "--flagfile"))]
     passthrough += [f"--{n}={getattr(F, n)}" for n in ("examples_per_client", "batch_size",
-                    "local_epochs", "timed_rounds", "torch", "torch_max_clients", "strategy")]
+                    "local_epochs", "timed_rounds", "min_timed_seconds", "torch",
+                    "torch_max_clients", "strategy", "torch_device", "client_chunk_size")]
     results = []
     for case in F.cases:
         print(f"benchmark: {case} ...", flush=True)

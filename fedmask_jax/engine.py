@@ -474,9 +474,9 @@ def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: s
 
     On CPU the budget is the last-level cache, with at least two clients: a chunk whose
     working set stays in cache trains fastest. Measured here (32 MiB L3, MLP 784-300-100-10,
-    100 clients x 128 examples x 3 epochs): chunk 1 / 2 / 4 / 10 / 25 / 100 took 0.90 / 0.68 /
-    0.69 / 0.88 / 1.04 / 1.44 s per round; at width 0.5 chunk 2 / 4 / 8 / 20 took 0.48 / 0.38 /
-    0.37 / 0.56 s. On GPU/TPU the budget is 8 GB of device memory.
+    100 clients x 128 examples x 3 epochs; docs/benchmarks.md): chunk 1 / 2 / 4 / 10 / 25 /
+    100 ran 1.15 / 1.34 / 1.17 / 0.92 / 0.83 / 0.75 rounds/s. On GPU/TPU the budget is 8 GB of
+    device memory.
     """
     if backend == "cpu" and conv:
         return 1

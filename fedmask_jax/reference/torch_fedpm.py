@@ -155,7 +155,7 @@ def train_client(net: TorchMaskedNet, opt: torch.optim.Optimizer, x: torch.Tenso
     """The reference's local loop: epochs of reshuffled mini-batches, mean cross-entropy."""
     n, last = len(y), 0.0
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator)
+        perm = torch.randperm(n, generator=generator).to(x.device)  # CPU generator, any device
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
             opt.zero_grad(set_to_none=True)
@@ -170,8 +170,10 @@ class TorchFedPM:
     """Server + clients of the reference, run sequentially in one process."""
 
     def __init__(self, model_name: str, in_shape, num_classes: int, width=1.0,
-                 mlp_hidden=(300, 100), lr=0.1, epsilon=0.01, seed=0):
-        self.make = lambda: build_like(model_name, in_shape, num_classes, width, mlp_hidden, seed)
+                 mlp_hidden=(300, 100), lr=0.1, epsilon=0.01, seed=0, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.make = lambda: build_like(model_name, in_shape, num_classes, width, mlp_hidden,
+                                       seed).to(self.device)
         self.global_net = self.make()
         self.lr, self.epsilon = lr, epsilon
         self.generator = torch.Generator().manual_seed(seed)
@@ -193,7 +195,7 @@ class TorchFedPM:
             with torch.no_grad():
                 for p, g in zip(net.parameters(), global_scores):
                     p.copy_(g)
-            x, y = client_data[int(cid)]
+            x, y = (t.to(self.device) for t in client_data[int(cid)])
             train_client(net, opt, x, y, epochs, batch_size, self.generator)
             with torch.no_grad():
                 for s, p in zip(sums, net.parameters()):
@@ -204,4 +206,6 @@ class TorchFedPM:
             for p, s in zip(self.global_net.parameters(), sums):
                 theta = s / k  # Beta mode with the prior reset every round, lambda0 = 1
                 p.copy_(torch.log(theta) - torch.log1p(-theta))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a timed round ends when its work has
         return {"clients": k}
