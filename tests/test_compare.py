@@ -92,7 +92,14 @@ def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
         cfg = run_cli.config_from_flags()
         assert cfg.algorithm == method
         validate(cfg)
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["prog", f"--flagfile={os.path.join(ROOT, 'experiments/configs/compare_fmnist.flags')}"])
-    assert flags.FLAGS.methods == list(METHODS)
+    configs = os.path.join(ROOT, "experiments", "configs")
+    shipped = sorted(f for f in os.listdir(configs) if f.startswith("compare") and f.endswith(".flags"))
+    assert "compare_fmnist.flags" in shipped
+    for name in shipped:  # each comparison flagfile parses and its shared setting is valid
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog", f"--flagfile={os.path.join(configs, name)}"])
+        assert flags.FLAGS.methods == list(METHODS)
+        for method in flags.FLAGS.methods:
+            compare.method_flagfile(method, os.path.join(ROOT, flags.FLAGS.method_configs))
+        validate(run_cli.config_from_flags())
     flags.FLAGS.unparse_flags()
