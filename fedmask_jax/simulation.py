@@ -136,6 +136,7 @@ def validate(cfg: RunConfig) -> None:
         _fedpm_config(cfg)  # raises on bad epsilon / lambda0 / reset period / lr
     else:
         _fedavg_config(cfg)  # raises on bad optimizers / learning rates / momenta
+        # Builds a throwaway compressor (sizes do not matter) so bad settings raise here.
         registry.compressor_for(cfg.algorithm, 2, [1, 1], _compression_config(cfg))
         _check(cfg.downlink == "float32",
                f"--downlink={cfg.downlink!r} applies to mask methods; {cfg.algorithm} broadcasts float32 weights")
@@ -200,8 +201,9 @@ class Simulation:
             cfg.model, self.dataset.num_classes, width=cfg.width, mlp_hidden=cfg.mlp_hidden,
             masked=self.masked, weight_init=cfg.weight_init, mask_gradient=cfg.mask_gradient)
         sample_x = jnp.zeros((1, *self.dataset.input_shape), jnp.uint8)
+        self.fedpm_config = _fedpm_config(cfg)
         self.algorithm = registry.build(
-            cfg.algorithm, self.model, sample_x, fedpm_config=_fedpm_config(cfg),
+            cfg.algorithm, self.model, sample_x, fedpm_config=self.fedpm_config,
             fedavg_config=_fedavg_config(cfg), compression=_compression_config(cfg))
 
         chunk = cfg.client_chunk_size or engine.auto_chunk_size(
@@ -218,7 +220,6 @@ class Simulation:
         self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config, self.strategy,
                                              self.mesh, collect_uplink=self.coded_uplink)
         self.server_update = jax.jit(self.algorithm.server_update, donate_argnums=(0,))
-        self.fedpm_config = _fedpm_config(cfg)
         self.eval_fn = engine.make_eval_fn(self.algorithm, cfg.eval_batch_size)
 
         self.data = engine.client_data_from_partition(
@@ -398,7 +399,6 @@ class Simulation:
         # Typed PRNG keys are stored as their raw key data.
         server = self.server._replace(key=jax.random.key_data(self.server.key))
         return {"server": server, "store": self.store}
-
 
     def save_checkpoint(self, rounds_done: int, host: dict) -> None:
         """Server state, client store and host-side history after ``rounds_done`` rounds.
