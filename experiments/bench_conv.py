@@ -5,7 +5,9 @@
 For each 3x3 'same' convolution of Conv4 at batch 128 (NHWC), times the forward pass and the
 forward pass with both gradients, for:
 
-* ``xla`` -- ``lax.conv_general_dilated``, what the models use;
+* ``xla`` -- ``lax.conv_general_dilated``, what the models use, compiled as the engine
+  compiles it (``engine.compiler_options``: on CPU, XLA's own kernels, YNNPACK fusions off);
+* ``xla_ynn`` -- the same with jaxlib's default options (CPU only: YNNPACK fusions on);
 * ``winograd_f2`` / ``winograd_f4`` -- Winograd F(2x2,3x3) and F(4x4,3x3) (Lavin & Gray 2016)
   written in XLA ops (tile slices, transforms, one batched matmul), a form that trades
   multiplies for memory passes; kept here as a measured alternative, not used by the models;
@@ -98,16 +100,24 @@ def jax_rows(batch: int, repeats: int) -> list[dict]:
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    kinds = {"xla": xla, "winograd_f2": lambda x, w: winograd_conv3x3(x, w, 2),
-             "winograd_f4": lambda x, w: winograd_conv3x3(x, w, 4)}
+    from fedmask_jax import engine
+
+    # The engine's compiler options (YNNPACK fusions off on CPU), and jaxlib's defaults.
+    ours = engine.compiler_options(engine.EngineConfig())
+    kinds = {"xla": (xla, ours), "xla_ynn": (xla, None),
+             "winograd_f2": (lambda x, w: winograd_conv3x3(x, w, 2), ours),
+             "winograd_f4": (lambda x, w: winograd_conv3x3(x, w, 4), ours)}
+    if ours is None:  # not on CPU: the two XLA rows would be the same program
+        del kinds["xla_ynn"]
     rows = []
     for size, cin, cout in LAYERS:
         x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
         w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.05
         reference = xla(x, w)
-        for kind, conv in kinds.items():
-            fwd = jax.jit(conv)
-            both = jax.jit(jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w)), argnums=(0, 1)))
+        for kind, (conv, options) in kinds.items():
+            fwd = jax.jit(conv, compiler_options=options)
+            both = jax.jit(jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w)), argnums=(0, 1)),
+                           compiler_options=options)
             err = float(jnp.abs(fwd(x, w) - reference).max() / jnp.abs(reference).max())
             rows.append(_row(kind, size, cin, cout, batch, err,
                              _best(lambda: jax.block_until_ready(fwd(x, w)), repeats),

@@ -34,6 +34,7 @@ flags.DEFINE_integer("torch_max_clients", 1000, "Skip the PyTorch reference abov
 flags.DEFINE_string("torch_device", "auto", "Device of the PyTorch reference: auto (cuda when torch sees a GPU, else cpu), cpu, cuda.")
 flags.DEFINE_string("strategy", "auto", "Engine strategy for the JAX side.")
 flags.DEFINE_integer("client_chunk_size", 0, "Clients vmapped together on the JAX side (0 = the engine's automatic choice).")
+flags.DEFINE_bool("cpu_ynn_fusions", False, "On CPU, keep XLA's YNNPACK fusions on the JAX side (jaxlib's default; the engine turns them off).")
 flags.DEFINE_string("workdir", "runs/benchmark", "Where benchmark.json goes.")
 flags.DEFINE_string("docs", "docs/benchmarks.md", "Markdown file whose table is refreshed ('' = none).")
 flags.DEFINE_string("run_case", None, "Internal: run one case in this process and print JSON.")
@@ -116,7 +117,7 @@ def run_case(case: str) -> dict:
     strategy = F.strategy if F.strategy != "auto" else engine.auto_strategy(conv=conv, backend=backend)
     chunk = F.client_chunk_size or engine.auto_chunk_size(spec["k"], alg.num_params, conv=conv,
                                                           backend=backend)
-    cfg = engine.EngineConfig(batch, F.local_epochs, chunk)
+    cfg = engine.EngineConfig(batch, F.local_epochs, chunk, cpu_ynn_fusions=F.cpu_ynn_fusions)
     round_fn = engine.make_round_fn(alg, cfg, strategy)
     data = engine.client_data_from_partition(ds.x_train, ds.y_train, parts)
     server = alg.server_init(jax.random.key(0))
@@ -162,6 +163,7 @@ def run_case(case: str) -> dict:
         "clients_per_round": spec["k"], "num_clients": spec["n"],
         "examples_per_client": per_client, "batch_size": batch, "local_epochs": F.local_epochs,
         "strategy": strategy, "client_chunk_size": chunk, "backend": backend,
+        "compiler_options": engine.compiler_options(cfg) or {},
         "device": str(jax.devices()[0].device_kind),
         "jax_rounds_per_s": jax_rps, "jax_examples_per_s": examples_per_round * jax_rps,
         "torch_rounds_per_s": torch_rps, "torch_device": torch_device,
@@ -193,7 +195,8 @@ def write_docs(results: list[dict], path: str, command: str) -> None:
               f"backend {results[0]['backend']} ({results[0]['device']}), JAX {jax.__version__}, "
               f"PyTorch {torch_v} on "
               f"{', '.join(sorted({r['torch_device'] for r in results if r.get('torch_device')})) or '—'}. "
-              f"Command: `{command}`")
+              f"XLA compiler options of the JAX side: "
+              f"`{json.dumps(results[0].get('compiler_options') or {})}`. Command: `{command}`")
     rows = ["| case | strategy/chunk | JAX rounds/s | PyTorch rounds/s | speedup | JAX ex/s | "
             "achieved GFLOP/s | % of GEMM peak | compile s | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -230,7 +233,8 @@ def main(argv):
     passthrough = [a for a in sys.argv[1:] if not a.startswith(("--cases", "--flagfile"))]
     passthrough += [f"--{n}={getattr(F, n)}" for n in ("examples_per_client", "batch_size",
                     "local_epochs", "timed_rounds", "min_timed_seconds", "torch",
-                    "torch_max_clients", "strategy", "torch_device", "client_chunk_size")]
+                    "torch_max_clients", "strategy", "torch_device", "client_chunk_size",
+                    "cpu_ynn_fusions")]
     results = []
     for case in F.cases:
         print(f"benchmark: {case} ...", flush=True)

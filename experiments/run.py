@@ -57,6 +57,7 @@ flags.DEFINE_enum("mask_gradient", _D.mask_gradient, list(masking.GRADIENTS), "S
 flags.DEFINE_bool("persistent_client_optimizer", _D.persistent_client_optimizer, "Keep each client's Adam state across its rounds (reference quirk).")
 flags.DEFINE_integer("client_chunk_size", _D.client_chunk_size, "Clients trained at once under vmap (0 = chosen per backend).")
 flags.DEFINE_enum("strategy", _D.strategy, ["auto", *engine.STRATEGIES], "Round execution: scan (one program) or host_loop (jitted steps driven from Python; fast for convs on XLA:CPU); auto picks per backend and model.")
+flags.DEFINE_bool("cpu_ynn_fusions", _D.cpu_ynn_fusions, "On CPU, keep XLA's YNNPACK fusions (jaxlib's default); off by default because its convolutions are slower here (docs/benchmarks.md).")
 flags.DEFINE_integer("num_devices", _D.num_devices, "Devices on the 'clients' mesh axis (0 = all local devices).")
 flags.DEFINE_bool("coded_uplink", _D.coded_uplink, "Range-code every uplink mask (constriction) on the host, report measured sizes, aggregate the decoded masks.")
 flags.DEFINE_enum("downlink", _D.downlink, ["float32", "quantized", "sampled_mask"], "Server broadcast: float32 scores (32 bpp), theta_g quantised to --downlink_bits, or one sampled mask.")
@@ -89,7 +90,8 @@ def config_from_flags() -> RunConfig:
         eval_batch_size=F.eval_batch_size, prior_reset_period=F.prior_reset_period,
         lambda0=F.lambda0, epsilon=F.epsilon, weight_init=F.weight_init,
         mask_gradient=F.mask_gradient, persistent_client_optimizer=F.persistent_client_optimizer,
-        client_chunk_size=F.client_chunk_size, strategy=F.strategy, num_devices=F.num_devices,
+        client_chunk_size=F.client_chunk_size, strategy=F.strategy,
+        cpu_ynn_fusions=F.cpu_ynn_fusions, num_devices=F.num_devices,
         coded_uplink=F.coded_uplink, downlink=F.downlink, downlink_bits=F.downlink_bits,
         export_mask=F.export_mask, checkpoint_every=F.checkpoint_every, resume=F.resume, tensorboard=F.tensorboard,
         allow_config_change=F.allow_config_change, data_dir=F.data_dir, archive_dir=F.archive_dir,

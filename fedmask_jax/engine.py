@@ -24,6 +24,7 @@ The engine knows nothing about masks: everything method-specific is in the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import NamedTuple
 
@@ -54,6 +55,26 @@ class EngineConfig:
     batch_size: int = 128
     local_epochs: int = 3
     client_chunk_size: int = 1  # clients vmapped together; chunks run in sequence
+    cpu_ynn_fusions: bool = False  # keep XLA:CPU's YNNPACK fusions (see compiler_options)
+
+
+# XLA:CPU in jaxlib 0.10 hands convolutions, reductions and some elementwise ops to YNNPACK
+# ("ynn_fusion"s). Its convolutions, and the layout copies around them, are slower than XLA's
+# own Eigen kernels for Conv4's layers on this 2-core x86 host: forward + both gradients of
+# the 28x28x64->64 layer take 197.5 ms with YNNPACK and 106.1 ms without; a whole Conv4
+# training step 566-580 vs 408-414 ms; MLP rounds are unchanged (docs/benchmarks.md).
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(cfg: EngineConfig, backend: str | None = None) -> dict[str, str] | None:
+    """XLA options for every program the engine compiles (``jax.jit(compiler_options=...)``).
+
+    Passed per program rather than through ``XLA_FLAGS`` so that they hold however and
+    whenever the process started JAX, and touch nothing else the process compiles.
+    """
+    if (backend or jax.default_backend()) != "cpu" or cfg.cpu_ynn_fusions:
+        return None
+    return dict(_NO_YNN)
 
 
 def client_data_from_partition(
@@ -297,7 +318,7 @@ class _ScanRound:
                                      in_specs=(rep, rep, rep, split, split, rep),
                                      out_specs=(rep, rep, rep) + ((split,) if collect_uplink else ()),
                                      check_vma=False)
-        self._jit = jax.jit(round_fn, donate_argnums=(0, 1))
+        self._jit = jax.jit(round_fn, donate_argnums=(0, 1), compiler_options=compiler_options(cfg))
         self._compiled = None
 
     def compile(self, *args) -> float:
@@ -343,15 +364,16 @@ class _HostLoopRound:
         def accumulate(acc, store, result, ids, valid, data):
             return _accumulate(acc, store, result, ids, valid, data.index.shape[0])
 
-        self._begin = jax.jit(begin)
-        self._order = jax.jit(order)
-        self._step = jax.jit(step, donate_argnums=(1, 8, 9))
-        self._finish_chunk = jax.jit(finish_chunk)
-        self._accumulate = jax.jit(accumulate, donate_argnums=(0, 1))
-        self._finish_round = jax.jit(
+        jit = functools.partial(jax.jit, compiler_options=compiler_options(cfg))
+        self._begin = jit(begin)
+        self._order = jit(order)
+        self._step = jit(step, donate_argnums=(1, 8, 9))
+        self._finish_chunk = jit(finish_chunk)
+        self._accumulate = jit(accumulate, donate_argnums=(0, 1))
+        self._finish_round = jit(
             lambda server, acc, valid: _finish_round(alg, server, acc, valid,
                                                      update=not collect_uplink))
-        self._payload = jax.jit(jax.vmap(alg.uplink_payload)) if collect_uplink else None
+        self._payload = jit(jax.vmap(alg.uplink_payload)) if collect_uplink else None
 
     def _pieces(self, server, store, data, cohort, valid, key, run: bool):
         """Walks one round's pieces, either running them or only lowering and compiling them.
@@ -407,8 +429,11 @@ class _HostLoopRound:
         return self._pieces(*args, run=True)
 
 
-def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int):
+def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int,
+                 options: dict[str, str] | None = None):
     """Returns ``evaluate(server, x, y, key) -> {metric: mean over examples}``.
+
+    ``options``: XLA compiler options, e.g. ``compiler_options(cfg)``.
 
     The test set is scanned in batches; each batch gets its own key (so a sampled-mask
     evaluation draws a fresh mask per test batch, as the reference does).
@@ -434,7 +459,7 @@ def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int):
         sums, _ = jax.lax.scan(body, zero, (jnp.arange(nb), xb, yb, mb))
         return {k: v / m for k, v in sums.items()}
 
-    return jax.jit(eval_fn)
+    return jax.jit(eval_fn, compiler_options=options)
 
 
 def init_store(alg: FederatedAlgorithm, num_clients: int) -> PyTree:

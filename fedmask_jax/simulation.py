@@ -72,6 +72,7 @@ class RunConfig:
     persistent_client_optimizer: bool = False
     client_chunk_size: int = 0  # 0 = chosen per backend
     strategy: str = "auto"  # auto | scan | host_loop
+    cpu_ynn_fusions: bool = False  # keep XLA:CPU's YNNPACK fusions (engine.compiler_options)
     num_devices: int = 0  # devices on the clients mesh axis (0 = all local devices)
     coded_uplink: bool = True  # range-code every uplink mask on the host; aggregate the decoded
     downlink: str = "float32"  # float32 | quantized | sampled_mask
@@ -211,7 +212,9 @@ class Simulation:
             backend=jax.default_backend())
         self.strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(
             conv=models.is_conv(cfg.model), backend=jax.default_backend())
-        self.engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk)
+        self.engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk,
+                                                 cpu_ynn_fusions=cfg.cpu_ynn_fusions)
+        options = engine.compiler_options(self.engine_config)
         # The host loop drives one device; the scanned round shards clients over the mesh.
         self.mesh = engine.clients_mesh(cfg.num_devices if self.strategy == "scan" else 1)
         # Real bitstreams exist for the binary-mask messages (coding.py); other methods' sizes
@@ -219,8 +222,9 @@ class Simulation:
         self.coded_uplink = cfg.coded_uplink and self.algorithm.uplink_payload is not None
         self.round_fn = engine.make_round_fn(self.algorithm, self.engine_config, self.strategy,
                                              self.mesh, collect_uplink=self.coded_uplink)
-        self.server_update = jax.jit(self.algorithm.server_update, donate_argnums=(0,))
-        self.eval_fn = engine.make_eval_fn(self.algorithm, cfg.eval_batch_size)
+        self.server_update = jax.jit(self.algorithm.server_update, donate_argnums=(0,),
+                                     compiler_options=options)
+        self.eval_fn = engine.make_eval_fn(self.algorithm, cfg.eval_batch_size, options)
 
         self.data = engine.client_data_from_partition(
             self.dataset.x_train, self.dataset.y_train, self.partition)

@@ -3,7 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmask_jax import engine
+from fedmask_jax import engine, models
+from fedmask_jax.algorithms import fedpm as fedpm_lib
+from fedmask_jax.algorithms.base import Batch
 from tests.helpers import digits, digits_client_data, small_fedpm
 
 
@@ -132,3 +134,74 @@ def test_auto_strategy():
     assert engine.auto_strategy(conv=True, backend="cpu") == "host_loop"
     assert engine.auto_strategy(conv=False, backend="cpu") == "scan"
     assert engine.auto_strategy(conv=True, backend="gpu") == "scan"
+
+
+def _conv_grad_program(options):
+    # Conv4's second layer at batch 8 (compiled, not run): small convs stay out of YNNPACK.
+    x = jnp.ones((8, 28, 28, 64))
+    w = jnp.ones((3, 3, 64, 64))
+
+    def loss(w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y))
+
+    return jax.jit(jax.grad(loss), compiler_options=options).lower(w).compile().as_text()
+
+
+def test_cpu_compiler_options_turn_off_ynn_fusions():
+    options = engine.compiler_options(engine.EngineConfig(), backend="cpu")
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert engine.compiler_options(engine.EngineConfig(cpu_ynn_fusions=True), backend="cpu") is None
+    assert engine.compiler_options(engine.EngineConfig(), backend="gpu") is None
+    # The option does what it says, and jaxlib's default is what it says it turns off.
+    assert "__ynn_fusion" in _conv_grad_program(None)
+    assert "__ynn_fusion" not in _conv_grad_program(options)
+
+
+@pytest.mark.parametrize("strategy", engine.STRATEGIES)
+def test_every_engine_program_gets_the_compiler_options(strategy, monkeypatch):
+    seen = []
+    real_jit = jax.jit
+
+    def recording_jit(fn, **kwargs):
+        seen.append(kwargs.get("compiler_options", "missing"))
+        return real_jit(fn, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    alg = small_fedpm()
+    cfg = engine.EngineConfig(batch_size=64, local_epochs=1, client_chunk_size=1)
+    engine.make_round_fn(alg, cfg, strategy, collect_uplink=True)
+    engine.make_eval_fn(alg, 64, engine.compiler_options(cfg))
+    assert len(seen) >= 2
+    assert all(s == {"xla_cpu_experimental_ynn_fusion_type": ""} for s in seen), seen
+
+
+def test_ynn_fusions_do_not_change_a_conv_round():
+    """Turning YNNPACK off changes kernels, not results: a Conv4 round agrees either way."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)  # generated 28x28 images
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    data = engine.client_data_from_partition(x, y, [np.arange(0, 32), np.arange(32, 64)])
+    model = models.build_model("conv4", 10, width=0.25)
+    alg = fedpm_lib.fedpm(model, jnp.zeros((1, 28, 28, 1), jnp.uint8), fedpm_lib.FedPMConfig())
+    # At this size jaxlib does hand the model's ops to YNNPACK, so the comparison means something.
+    server = alg.server_init(jax.random.key(0))
+    step = jax.jit(lambda s, x, y, k: alg.client_step(server, alg.client_init(server, ()),
+                                                      Batch(x, y, jnp.ones(16)), k)[1])
+    assert "__ynn_fusion" in step.lower(server, x[:16], y[:16], jax.random.key(1)).compile().as_text()
+    ids, valid = jnp.asarray([0, 1], jnp.int32), jnp.ones((2,), jnp.float32)
+    out = []
+    for ynn in (False, True):
+        cfg = engine.EngineConfig(batch_size=16, local_epochs=1, client_chunk_size=1,
+                                  cpu_ynn_fusions=ynn)
+        round_fn = engine.make_round_fn(alg, cfg, "host_loop")
+        store = engine.init_store(alg, 2)
+        out.append(round_fn(server, store, data, ids, valid, jax.random.key(5)))
+    (s1, _, m1), (s2, _, m2) = out
+    for name in m1:
+        assert float(m1[name]) == pytest.approx(float(m2[name]), rel=1e-4), name
+    # Masks are sampled against scores trained in float32 by different kernels: nearly all
+    # of the posterior counts agree exactly.
+    a1, a2 = fedpm_lib.flat(s1.alpha), fedpm_lib.flat(s2.alpha)
+    assert np.mean(a1 == a2) > 0.999
