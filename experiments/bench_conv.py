@@ -2,8 +2,9 @@
 
     python -m experiments.bench_conv [--batch=128] [--out=runs/bench_conv.json]
 
-For each 3x3 'same' convolution of Conv4 at batch 128 (NHWC), times the forward pass and the
-forward pass with both gradients, for:
+For each 3x3 'same' convolution of Conv4 at batch 128 (NHWC), times the three products of a
+training step one by one -- the forward pass, the input gradient and the filter gradient
+(against a random output cotangent) -- for:
 
 * ``xla`` -- ``lax.conv_general_dilated``, what the models use, compiled as the engine
   compiles it (``engine.compiler_options``: on CPU, XLA's own kernels, YNNPACK fusions off);
@@ -92,15 +93,27 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
+def _layer_inputs(batch, size, cin, cout):
+    """Input, kernel and a random output cotangent (numpy, NHWC / HWIO), the same for all kinds.
+
+    The cotangent is random on purpose: the gradient of ``sum(conv(x, w))`` has an all-ones
+    cotangent that XLA simplifies, which made XLA's backward look 1.4x faster than it is.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, size, size, cin), np.float32)
+    w = rng.standard_normal((3, 3, cin, cout), np.float32) * 0.05
+    g = rng.standard_normal((batch, size, size, cout), np.float32)
+    return x, w, g
+
+
 def jax_rows(batch: int, repeats: int) -> list[dict]:
     import jax
-    import jax.numpy as jnp
+
+    from fedmask_jax import engine
 
     def xla(x, w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    from fedmask_jax import engine
 
     # The engine's compiler options (YNNPACK fusions off on CPU), and jaxlib's defaults.
     ours = engine.compiler_options(engine.EngineConfig())
@@ -111,17 +124,18 @@ def jax_rows(batch: int, repeats: int) -> list[dict]:
         del kinds["xla_ynn"]
     rows = []
     for size, cin, cout in LAYERS:
-        x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
-        w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.05
+        x, w, g = (jax.device_put(a) for a in _layer_inputs(batch, size, cin, cout))
         reference = xla(x, w)
         for kind, (conv, options) in kinds.items():
-            fwd = jax.jit(conv, compiler_options=options)
-            both = jax.jit(jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w)), argnums=(0, 1)),
-                           compiler_options=options)
-            err = float(jnp.abs(fwd(x, w) - reference).max() / jnp.abs(reference).max())
+            jit = lambda f: jax.jit(f, compiler_options=options)  # noqa: E731
+            fwd = jit(conv)
+            input_grad = jit(lambda x, w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+            filter_grad = jit(lambda x, w, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
+            err = float(abs(fwd(x, w) - reference).max() / abs(reference).max())
+            time_of = lambda f: _best(lambda: jax.block_until_ready(f(x, w, g)), repeats)  # noqa: E731
             rows.append(_row(kind, size, cin, cout, batch, err,
                              _best(lambda: jax.block_until_ready(fwd(x, w)), repeats),
-                             _best(lambda: jax.block_until_ready(both(x, w)), repeats)))
+                             time_of(input_grad), time_of(filter_grad)))
     return rows
 
 
@@ -133,37 +147,40 @@ def torch_rows(batch: int, repeats: int) -> list[dict]:
         return []
     rows = []
     for size, cin, cout in LAYERS:
-        x = torch.randn(batch, cin, size, size).contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
-        w = (torch.randn(cout, cin, 3, 3) * 0.05).requires_grad_()
-
-        def fwd():
-            with torch.no_grad():
-                tf.conv2d(x, w, padding=1)
-
-        def both():
-            tf.conv2d(x, w, padding=1).sum().backward()
-
-        rows.append(_row("torch", size, cin, cout, batch, None, _best(fwd, repeats),
-                         _best(both, repeats)))
+        x, w, g = _layer_inputs(batch, size, cin, cout)
+        to_nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731  channels-last
+        x, g = to_nchw(x), to_nchw(g)
+        w = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
+        with torch.no_grad():
+            t_fwd = _best(lambda: tf.conv2d(x, w, padding=1), repeats)
+            # The two backward kernels the autograd engine calls, one at a time.
+            grad = torch.ops.aten.convolution_backward
+            args = (g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+            t_dx = _best(lambda: grad(*args, [True, False, False]), repeats)
+            t_dw = _best(lambda: grad(*args, [False, True, False]), repeats)
+        rows.append(_row("torch", size, cin, cout, batch, None, t_fwd, t_dx, t_dw))
     return rows
 
 
-def _row(kind, size, cin, cout, batch, err, t_fwd, t_both) -> dict:
-    flops = 2 * batch * size * size * 9 * cin * cout
+def _row(kind, size, cin, cout, batch, err, t_fwd, t_dx, t_dw) -> dict:
+    flops = 2 * batch * size * size * 9 * cin * cout  # each of the three products
+    total = t_fwd + t_dx + t_dw
     return {"kind": kind, "layer": f"{size}x{size}x{cin}->{cout}", "batch": batch,
             "max_rel_error_vs_xla": err, "forward_ms": 1e3 * t_fwd,
-            "forward_backward_ms": 1e3 * t_both, "forward_gflops": flops / t_fwd / 1e9,
-            "forward_backward_gflops": 3 * flops / t_both / 1e9}
+            "input_grad_ms": 1e3 * t_dx, "filter_grad_ms": 1e3 * t_dw,
+            "forward_backward_ms": 1e3 * total,
+            "forward_gflops": flops / t_fwd / 1e9, "input_grad_gflops": flops / t_dx / 1e9,
+            "filter_grad_gflops": flops / t_dw / 1e9, "forward_backward_gflops": 3 * flops / total / 1e9}
 
 
 def main(argv):
     del argv
     rows = jax_rows(F.batch, F.repeats) + torch_rows(F.batch, F.repeats)
     for r in sorted(rows, key=lambda r: (r["layer"], r["kind"])):
-        print(f"{r['layer']:>16} {r['kind']:>12}: forward {r['forward_ms']:7.1f} ms "
-              f"({r['forward_gflops']:5.0f} GFLOP/s), forward+backward "
-              f"{r['forward_backward_ms']:7.1f} ms ({r['forward_backward_gflops']:5.0f} GFLOP/s)",
+        print(f"{r['layer']:>16} {r['kind']:>12}: forward {r['forward_ms']:6.1f} ms "
+              f"({r['forward_gflops']:4.0f} GFLOP/s), input grad {r['input_grad_ms']:6.1f} ms "
+              f"({r['input_grad_gflops']:4.0f}), filter grad {r['filter_grad_ms']:6.1f} ms "
+              f"({r['filter_grad_gflops']:4.0f}); all three {r['forward_backward_ms']:6.1f} ms",
               flush=True)
     if F.out:
         os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)

@@ -22,3 +22,19 @@ def test_winograd_matches_xla_conv_and_its_gradient(m):
     grad = lambda conv: jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w))))(w)  # noqa: E731
     np.testing.assert_allclose(grad(lambda x, w: winograd_conv3x3(x, w, m)), grad(xla),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_bench_conv_rows_time_all_three_products(tmp_path):
+    """A tiny run: every kind times forward, input and filter gradient of every layer."""
+    from experiments import bench_conv
+
+    rows = bench_conv.jax_rows(batch=2, repeats=1) + bench_conv.torch_rows(batch=2, repeats=1)
+    kinds = {r["kind"] for r in rows}
+    assert {"xla", "xla_ynn", "winograd_f2", "winograd_f4"} <= kinds
+    assert len(rows) == len(kinds) * len(bench_conv.LAYERS)
+    for r in rows:
+        parts = r["forward_ms"] + r["input_grad_ms"] + r["filter_grad_ms"]
+        assert min(r["forward_ms"], r["input_grad_ms"], r["filter_grad_ms"]) > 0
+        assert r["forward_backward_ms"] == pytest.approx(parts)
+        if r["kind"] != "torch":
+            assert r["max_rel_error_vs_xla"] < 1e-4, r
