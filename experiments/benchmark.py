@@ -5,7 +5,8 @@
 Each case runs in its own subprocess (so its peak memory is its own); inside it, the JAX
 engine and the PyTorch reference train the same clients on the same data with the same local
 epochs and batch size. Steady-state rounds (after compilation and one warm-up round) are
-timed; a rate is one over the median round. Writes <workdir>/benchmark.json and refreshes the table in docs/benchmarks.md.
+timed, JAX and PyTorch rounds alternating; a rate is one over the median round. Writes
+<workdir>/benchmark.json and refreshes the table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ flags.DEFINE_integer("examples_per_client", 600, "Training examples per client (
 flags.DEFINE_integer("batch_size", 128, "Local batch size (capped at examples_per_client).")
 flags.DEFINE_integer("local_epochs", 3, "Local epochs.")
 flags.DEFINE_integer("timed_rounds", 2, "Steady-state rounds timed per implementation (at least).")
-flags.DEFINE_float("min_timed_seconds", 10.0, "Keep timing rounds until this much time has passed (short rounds are noisy).")
+flags.DEFINE_float("min_timed_seconds", 10.0, "Keep timing until each implementation's timed rounds add up to this many seconds (short rounds are noisy).")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch reference (needs the [bench] extra).")
 flags.DEFINE_integer("torch_max_clients", 1000, "Skip the PyTorch reference above this cohort.")
 flags.DEFINE_string("torch_device", "auto", "Device of the PyTorch reference: auto (cuda when torch sees a GPU, else cpu), cpu, cuda.")
@@ -88,21 +89,33 @@ def train_flops_per_example(model, input_shape) -> float:
     return 3.0 * float(cost["flops"]) / 64
 
 
-def time_rounds(run_round) -> list[float]:
-    """Seconds of rounds 1, 2, ... (after a warm-up round 0): at least --timed_rounds of them
-    and until --min_timed_seconds have passed."""
-    times, start = [], time.perf_counter()
-    while len(times) < F.timed_rounds or time.perf_counter() - start < F.min_timed_seconds:
-        t = time.perf_counter()
-        run_round(len(times) + 1)
-        times.append(time.perf_counter() - t)
+def time_rounds(**run_round) -> dict[str, list[float]]:
+    """Seconds of rounds 1, 2, ... of each implementation (after their warm-up round 0),
+    alternating between them round by round, until each has run at least --timed_rounds and
+    for at least --min_timed_seconds.
+
+    Alternating keeps the ratio honest on a shared host: this 2-vCPU VM has slow spells in
+    which every round takes ~3.5x longer for a while (seen as a jump from 0.065 to 0.23 s per
+    MLP round midway through one process), and a spell now hits both sides alike.
+    """
+    times = {name: [] for name in run_round}
+
+    def done(ts):
+        return len(ts) >= F.timed_rounds and sum(ts) >= F.min_timed_seconds
+
+    while not all(done(ts) for ts in times.values()):
+        for name, fn in run_round.items():
+            if done(times[name]):
+                continue
+            t = time.perf_counter()
+            fn(len(times[name]) + 1)
+            times[name].append(time.perf_counter() - t)
     return times
 
 
 def rate(times: list[float]) -> float:
-    """Rounds per second from the median round: this shared 2-vCPU host has slow spells
-    (the same MLP round measured 0.63 s and, in another process minutes later, 2.2 s), and a
-    median over many rounds keeps one spell from setting the figure."""
+    """Rounds per second from the median round, so that a slow spell of the host shorter
+    than half the timed rounds does not set the figure."""
     return 1.0 / float(np.median(times))
 
 
@@ -146,13 +159,12 @@ def run_case(case: str) -> dict:
         state[0], state[1], m = round_fn(state[0], state[1], data, *cohort(r), jax.random.key(r))
         jax.block_until_ready(m)
 
-    jax_times = time_rounds(jax_round)
-    jax_rps = rate(jax_times)
     examples_per_round = F.local_epochs * sum(len(parts[c]) for c in engine.sample_cohort(0, 1, spec["n"], spec["k"]))
     flops_ex = train_flops_per_example(model, (28, 28, 1))
     jax_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rounds = {"jax": jax_round}
 
-    torch_rps, torch_device, torch_times = None, None, None
+    torch_device = None
     if F.torch and spec["k"] <= F.torch_max_clients:
         import torch
 
@@ -165,9 +177,13 @@ def run_case(case: str) -> dict:
         xs = [(torch_fedpm.to_torch_input(ds.x_train[p]), torch.from_numpy(ds.y_train[p].astype(np.int64)))
               for p in parts]
         fed.round(xs, engine.sample_cohort(0, 0, spec["n"], spec["k"]), F.local_epochs, batch)  # warm-up
-        torch_times = time_rounds(lambda r: fed.round(
-            xs, engine.sample_cohort(0, r, spec["n"], spec["k"]), F.local_epochs, batch))
-        torch_rps = rate(torch_times)
+        rounds["torch"] = lambda r: fed.round(
+            xs, engine.sample_cohort(0, r, spec["n"], spec["k"]), F.local_epochs, batch)
+
+    times = time_rounds(**rounds)
+    jax_times, torch_times = times["jax"], times.get("torch")
+    jax_rps = rate(jax_times)
+    torch_rps = rate(torch_times) if torch_times else None
 
     achieved = flops_ex * examples_per_round * jax_rps / 1e9
     return {
