@@ -60,9 +60,10 @@ class EngineConfig:
 
 # XLA:CPU in jaxlib 0.10 hands convolutions, reductions and some elementwise ops to YNNPACK
 # ("ynn_fusion"s). Its convolutions, and the layout copies around them, are slower than XLA's
-# own Eigen kernels for Conv4's layers on this 2-core x86 host: forward + both gradients of
-# the 28x28x64->64 layer take 197.5 ms with YNNPACK and 106.1 ms without; a whole Conv4
-# training step 566-580 vs 408-414 ms; MLP rounds are unchanged (docs/benchmarks.md).
+# own Eigen kernels for Conv4's layers on this 2-core x86 host: forward, input and filter
+# gradient of the 28x28x64->64 layer take 256.4 ms with YNNPACK and 150.1 ms without
+# (experiments/bench_conv.py); a Conv4 round runs 1.24x faster without, MLP rounds the same
+# (docs/benchmarks.md).
 _NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
