@@ -1,21 +1,28 @@
-"""The round engine: one jitted function trains a whole cohort and aggregates it.
+"""The round engine: one round trains a whole cohort and aggregates it.
 
-``round(server_state, persistent_store, data, cohort, valid, key)``:
+``round(server, store, data, cohort, key) -> RoundOutput(server, store, metrics, collected)``
 
 1. the server state is broadcast (closed over, not copied) to the cohort's clients;
 2. clients are trained in chunks: ``client_chunk_size`` clients at once under ``vmap``, the
-   chunks one after another under ``lax.scan``, so memory is bounded by the chunk and the
-   compiled program does not grow with the cohort. Chunk 1 is a per-client loop inside the
-   jitted round -- the fast form for convolutions on XLA:CPU, where a vmapped conv becomes a
-   slow grouped conv (DESIGN section 4);
-3. each client's local training is a ``lax.scan`` over epochs and steps. Clients with fewer
-   examples than the largest client run the same number of steps with the extra steps
-   masked out (state unchanged), and their last batch masks its padding rows;
-4. client contributions are summed over the cohort and handed to ``server_update``.
+   chunks one after another, so memory is bounded by the chunk and the compiled program does
+   not grow with the cohort. A chunk of one is a plain per-client loop -- the fast form for
+   convolutions on XLA:CPU, where a vmapped conv becomes a slow grouped conv;
+3. each client runs the same number of local steps; steps past a client's data leave its
+   state unchanged, and its last batch masks its padding rows;
+4. client contributions are summed over the cohort (and over devices, ``psum`` on the
+   ``clients`` mesh axis) and handed to ``server_update``; the messages of a few chosen cohort
+   positions are collected for the host to check (``Cohort.collect``).
+
+The round's orchestration is written once, in ``_round_program``, against a small ``Loop``
+interface: ``call`` a stage, ``fori`` a loop, ``take`` a chunk of the cohort. Three loops run
+it: ``_InProgram`` traces everything into one jitted program (``lax.fori_loop``);
+``_HostDriven`` runs the loops in Python over small jitted stages (XLA:CPU runs a convolution
+inside a compiled loop tens of times slower than at top level); ``_Compiling`` walks the same
+control flow once on abstract shapes to compile every stage ahead of time.
 
 Every random draw of a client is keyed by (round key, client id, epoch, step) or
 (round key, client id, example index), so a client's result does not depend on how much it
-was padded, on the chunk size or on which other clients share its round.
+was padded, on the chunk size, on the loop or on which other clients share its round.
 
 The engine knows nothing about masks: everything method-specific is in the
 ``FederatedAlgorithm`` it is given.
@@ -25,16 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import Mesh, PartitionSpec
 
-from fedmask_jax.algorithms.base import Batch, FederatedAlgorithm, PyTree
+from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, PyTree
+
+STRATEGIES = ("scan", "host_loop")
+CLIENTS_AXIS = "clients"
 
 
 class ClientData(NamedTuple):
@@ -50,20 +61,45 @@ class ClientData(NamedTuple):
     sizes: jax.Array  # [num_clients] int32
 
 
+class Cohort(NamedTuple):
+    """One round's clients, padded to a multiple of the chunk (times the devices).
+
+    Real clients come first; padding clients have ``valid`` 0 and count for nothing.
+    ``collect[p]`` is the slot of cohort position ``p`` in ``RoundOutput.collected`` or, for
+    positions whose messages are not collected, the number of slots (out of range).
+    """
+
+    ids: Any  # [P] int32
+    valid: Any  # [P] float32
+    collect: Any  # [P] int32
+
+
+class Collected(NamedTuple):
+    """The messages of the collected cohort positions, in slot order."""
+
+    payload: jax.Array  # [slots, payload bytes] uint8: alg.uplink_payload of the contribution
+    metrics: dict[str, jax.Array]  # [slots] each: that client's own metrics
+
+
+class RoundOutput(NamedTuple):
+    server: PyTree
+    store: PyTree  # every client's persistent state (leading client axis)
+    metrics: dict[str, jax.Array]  # means over the cohort's real clients
+    collected: Collected | None  # None when the round collects no messages
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     batch_size: int = 128
     local_epochs: int = 3
     client_chunk_size: int = 1  # clients vmapped together; chunks run in sequence
     cpu_ynn_fusions: bool = False  # keep XLA:CPU's YNNPACK fusions (see compiler_options)
+    collect: int = 0  # cohort positions whose messages the round hands back
 
 
 # XLA:CPU in jaxlib 0.10 hands convolutions, reductions and some elementwise ops to YNNPACK
-# ("ynn_fusion"s). Its convolutions, and the layout copies around them, are slower than XLA's
-# own Eigen kernels for Conv4's layers on this 2-core x86 host: forward, input and filter
-# gradient of the 28x28x64->64 layer take 256.4 ms with YNNPACK and 150.1 ms without
-# (experiments/bench_conv.py); a Conv4 round runs 1.24x faster without, MLP rounds the same
-# (docs/benchmarks.md).
+# ("ynn_fusion"s), whose kernels are slower than XLA's own for Conv4's layers on x86
+# (docs/benchmarks.md: per layer and per round).
 _NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -78,17 +114,14 @@ def compiler_options(cfg: EngineConfig, backend: str | None = None) -> dict[str,
     return dict(_NO_YNN)
 
 
-def client_data_from_partition(
-    x: np.ndarray, y: np.ndarray, partition: list[np.ndarray]
-) -> ClientData:
+def client_data_from_partition(x: np.ndarray, y: np.ndarray, partition: list[np.ndarray]) -> ClientData:
     """Puts a partitioned dataset on the device once, as ``ClientData``."""
     sizes = np.array([len(p) for p in partition], np.int32)
     index = np.zeros((len(partition), int(sizes.max())), np.int32)
     for c, p in enumerate(partition):
         index[c, : len(p)] = p
-    return ClientData(
-        jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(index), jnp.asarray(sizes)
-    )
+    chex.assert_equal(len(x), len(y))
+    return ClientData(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(index), jnp.asarray(sizes))
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
@@ -97,15 +130,23 @@ def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.n
     return np.sort(rng.choice(num_clients, size=k, replace=False)).astype(np.int32)
 
 
-def pad_cohort(cohort: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pads a cohort to a multiple of ``chunk`` with dummy clients of weight 0."""
-    k = len(cohort)
-    padded = -(-k // chunk) * chunk
+def make_cohort(clients: np.ndarray, multiple: int, collect: int = 0, seed: int = 0,
+                round_index: int = 0) -> Cohort:
+    """Pads ``clients`` to a multiple of ``multiple`` and picks ``collect`` of its positions
+    (uniformly, keyed by (seed, round)) whose messages the round hands back."""
+    k = len(clients)
+    padded = -(-k // multiple) * multiple
     ids = np.zeros(padded, np.int32)
-    ids[:k] = cohort
+    ids[:k] = clients
     valid = np.zeros(padded, np.float32)
     valid[:k] = 1.0
-    return ids, valid
+    slots = np.full(padded, collect, np.int32)
+    if collect:
+        if collect > k:
+            raise ValueError(f"cannot collect {collect} messages from a cohort of {k}")
+        chosen = np.random.default_rng([seed, round_index, 1]).choice(k, collect, replace=False)
+        slots[np.sort(chosen)] = np.arange(collect, dtype=np.int32)
+    return Cohort(ids, valid, slots)
 
 
 def _where_tree(pred, new, old):
@@ -113,7 +154,8 @@ def _where_tree(pred, new, old):
 
 
 def _over_clients(fn, chunk: int):
-    """Maps ``fn`` over a leading client axis of all its arguments.
+    """Maps ``fn`` over a leading client axis of all its arguments (the first of which must
+    be an array: the clients' ids, so that the map always has an axis to map over).
 
     A chunk of one is squeezed rather than vmapped: a vmap of size one still turns a conv
     with per-client kernels into a grouped conv.
@@ -128,94 +170,232 @@ def _over_clients(fn, chunk: int):
     return single
 
 
-# -- One client's local training, in pieces shared by both execution strategies. ----------
+class ChunkState(NamedTuple):
+    """A chunk of clients in the middle of local training (leading axis: the chunk)."""
 
-def _client_keys(key):
-    return tuple(jax.random.fold_in(key, i) for i in range(3))  # shuffle, step, finish
-
-
-def _epoch_order(shuffle_key, e, n, max_n: int, steps: int, b: int):
-    """Row positions of each step's batch in epoch ``e``: a reshuffle of the n real examples.
-
-    One uniform per example index, so the order of the real examples ignores how much
-    padding follows them.
-    """
-    ekey = jax.random.fold_in(shuffle_key, e)
-    positions = jnp.arange(max_n)
-    r = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(ekey, i)))(positions)
-    order = jnp.argsort(jnp.where(positions < n, r, 2.0), stable=True)
-    return jnp.pad(order, (0, steps * b - max_n)).reshape(steps, b)
+    states: PyTree
+    persistent: PyTree
+    shuffle_keys: jax.Array
+    step_keys: jax.Array
+    finish_keys: jax.Array
+    loss_sum: jax.Array
+    active_steps: jax.Array
 
 
-def _local_step(alg, data: ClientData, server, state, rows, order, n, e, s, step_key, b: int):
-    """Step ``s`` of epoch ``e``; a step past the client's data leaves the state unchanged."""
-    batch_rows = rows[order[s]]
-    example_mask = ((s * b + jnp.arange(b)) < n).astype(jnp.float32)
-    batch = Batch(data.x[batch_rows], data.y[batch_rows], example_mask)
-    skey = jax.random.fold_in(jax.random.fold_in(step_key, e), s)
-    new_state, loss = alg.client_step(server, state, batch, skey)
-    active = s * b < n
-    return _where_tree(active, new_state, state), loss * active, active.astype(jnp.float32)
+class Accumulator(NamedTuple):
+    """What the chunks add up to: contribution and metric sums, the store, collected messages."""
+
+    sums: tuple[PyTree, dict[str, jax.Array]]
+    store: PyTree
+    collected: Collected | None
 
 
-def _finish(alg, server, state, persistent, n, finish_key, loss_sum, active_steps):
-    result = alg.client_finish(server, state, persistent, n, finish_key)
-    metrics = dict(result.metrics, train_loss=loss_sum / jnp.maximum(active_steps, 1.0),
-                   num_examples=n.astype(jnp.float32))
-    return result._replace(metrics=metrics)
+class _Stages:
+    """The round's stages as pure functions over a chunk of clients; ``_round_program``
+    strings them together and a ``Loop`` decides how each is run."""
+
+    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, axis: str | None):
+        if cfg.collect and alg.uplink_payload is None:
+            raise ValueError(f"{alg.name} has no uplink_payload to collect")
+        self.alg, self.cfg, self.axis = alg, cfg, axis
+        self.chunk, self.b = cfg.client_chunk_size, cfg.batch_size
+
+    def num_steps(self, data: ClientData) -> int:
+        return -(-data.index.shape[1] // self.b)
+
+    def client_keys(self, key, ids):
+        return jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
+
+    def begin_chunk(self, server, store, ids, keys) -> ChunkState:
+        alg = self.alg
+        persistent = jax.tree.map(lambda p: p[ids], store)
+        states = _over_clients(lambda c, p: alg.client_init(server, p), self.chunk)(ids, persistent)
+        split = jax.vmap(lambda k: tuple(jax.random.fold_in(k, i) for i in range(3)))(keys)
+        zeros = jnp.zeros(ids.shape, jnp.float32)
+        return ChunkState(states, persistent, *split, zeros, zeros)
+
+    def epoch_orders(self, data: ClientData, ids, shuffle_keys, e):
+        """Row positions of each step's batch in epoch ``e``: a reshuffle of each client's
+        real examples, one uniform per example index (so padding does not move them)."""
+        max_n, steps, b = data.index.shape[1], self.num_steps(data), self.b
+
+        def one(c, key):
+            n = data.sizes[c]
+            ekey = jax.random.fold_in(key, e)
+            positions = jnp.arange(max_n)
+            r = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(ekey, i)))(positions)
+            order = jnp.argsort(jnp.where(positions < n, r, 2.0), stable=True)
+            return jnp.pad(order, (0, steps * b - max_n)).reshape(steps, b)
+
+        return jax.vmap(one)(ids, shuffle_keys)
+
+    def step(self, server, cs: ChunkState, data: ClientData, ids, orders, e, s) -> ChunkState:
+        """Local step ``s`` of epoch ``e`` for every client of the chunk."""
+        alg, b = self.alg, self.b
+
+        def one(c, state, order, step_key):
+            n = data.sizes[c]
+            rows = data.index[c][order[s]]
+            example_mask = ((s * b + jnp.arange(b)) < n).astype(jnp.float32)
+            key = jax.random.fold_in(jax.random.fold_in(step_key, e), s)
+            new_state, loss = alg.client_step(server, state, Batch(data.x[rows], data.y[rows], example_mask), key)
+            active = s * b < n
+            return _where_tree(active, new_state, state), loss * active, active.astype(jnp.float32)
+
+        states, loss, active = _over_clients(one, self.chunk)(ids, cs.states, orders, cs.step_keys)
+        return cs._replace(states=states, loss_sum=cs.loss_sum + loss, active_steps=cs.active_steps + active)
+
+    def finish(self, server, cs: ChunkState, data: ClientData, ids) -> ClientResult:
+        alg = self.alg
+
+        def one(c, state, persistent, key, loss_sum, active_steps):
+            result = alg.client_finish(server, state, persistent, data.sizes[c], key)
+            return result._replace(metrics=dict(
+                result.metrics, train_loss=loss_sum / jnp.maximum(active_steps, 1.0)))
+
+        return _over_clients(one, self.chunk)(ids, cs.states, cs.persistent, cs.finish_keys,
+                                              cs.loss_sum, cs.active_steps)
+
+    def empty_accumulator(self, server, store, data: ClientData, ids, keys) -> Accumulator:
+        shapes = jax.eval_shape(
+            lambda: self.finish(server, self.begin_chunk(server, store, ids, keys), data, ids))
+        zeros = lambda s: jnp.zeros(s.shape[1:], s.dtype)  # noqa: E731
+        sums = jax.tree.map(zeros, (shapes.contribution, shapes.metrics))
+        collected = None
+        if self.cfg.collect:
+            payload = jax.eval_shape(jax.vmap(self.alg.uplink_payload), shapes.contribution)
+            collected = Collected(
+                jnp.zeros((self.cfg.collect, payload.shape[-1]), payload.dtype),
+                {k: jnp.zeros((self.cfg.collect,), v.dtype) for k, v in shapes.metrics.items()})
+        return Accumulator(sums, store, collected)
+
+    def end_chunk(self, server, cs: ChunkState, data: ClientData, ids, valid, slots,
+                  acc: Accumulator) -> Accumulator:
+        """Adds the chunk's contributions and metrics (weighted by ``valid``), stores its
+        persistent states, and keeps the messages of its collected positions."""
+        result = self.finish(server, cs, data, ids)
+        weighted_sum = lambda a, x: a + jnp.tensordot(valid, x, axes=1)  # noqa: E731
+        sums = jax.tree.map(weighted_sum, acc.sums, (result.contribution, result.metrics))
+        # Padding clients write nowhere: their id is pushed out of bounds and dropped.
+        write_ids = jnp.where(valid > 0, ids, data.index.shape[0])
+        store = jax.tree.map(lambda s, p: s.at[write_ids].set(p, mode="drop"), acc.store, result.persistent)
+        collected = acc.collected
+        if collected is not None:
+            payload = jax.vmap(self.alg.uplink_payload)(result.contribution)
+            chex.assert_shape(payload, (ids.shape[0], collected.payload.shape[1]))
+            put = lambda buf, x: buf.at[slots].set(x, mode="drop")  # noqa: E731
+            collected = Collected(put(collected.payload, payload),
+                                  {k: put(v, result.metrics[k]) for k, v in collected.metrics.items()})
+        return Accumulator(sums, store, collected)
+
+    def end_round(self, server, acc: Accumulator, valid, store_before=None):
+        """Combines the sums (over devices when sharded) and applies ``server_update``.
+        ``store_before``: the store as the round found it (sharded rounds only)."""
+        (contribution, metrics), store, collected = acc
+        k = jnp.sum(valid)
+        if self.axis is not None:  # each device summed its share of the cohort
+            contribution, metrics, k = jax.lax.psum((contribution, metrics, k), self.axis)
+            # Persistent states changed only where their client trained: sum the changes.
+            store = jax.tree.map(lambda old, new: old + jax.lax.psum(new - old, self.axis),
+                                 store_before, store)
+            if collected is not None:  # every slot was written on exactly one device
+                collected = jax.lax.psum(collected, self.axis)
+        server = self.alg.server_update(server, contribution, k)
+        return RoundOutput(server, store, {name: v / k for name, v in metrics.items()}, collected)
 
 
-def _accumulate(acc, store, result, ids, valid, num_clients: int):
-    """Adds a chunk's contributions and metrics (weighted by ``valid``) and stores its state."""
-    weighted_sum = lambda a, x: a + jnp.tensordot(valid, x, axes=1)  # noqa: E731
-    acc = jax.tree.map(weighted_sum, acc, (result.contribution, result.metrics))
-    # Padding clients write nowhere: their id is pushed out of bounds and dropped.
-    write_ids = jnp.where(valid > 0, ids, num_clients)
-    store = jax.tree.map(lambda s, p: s.at[write_ids].set(p, mode="drop"), store, result.persistent)
-    return acc, store
+class Loop:
+    """How ``_round_program`` runs its stages and loops (see the module docstring)."""
+
+    def call(self, fn: Callable, *args): ...
+    def fori(self, n: int, body: Callable, carry): ...
+    def take(self, arrays, index, size: int): ...
+    def steps(self, stages: _Stages, data: ClientData, ids) -> int: ...
 
 
-def _finish_round(alg, server, acc, valid, k=None, update: bool = True):
-    contrib, metrics = acc
-    k = jnp.sum(valid) if k is None else k
-    if update:
-        server = alg.server_update(server, contrib, k)
-    return server, {name: value / k for name, value in metrics.items()}
+def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, cohort: Cohort, key):
+    """The round, once: chunks of clients, their epochs and steps, then the server update."""
+    chex.assert_equal_shape([cohort.ids, cohort.valid, cohort.collect])
+    chex.assert_rank([cohort.ids, data.sizes], 1)
+    chex.assert_rank(data.index, 2)
+    if cohort.ids.shape[0] % st.chunk:
+        raise ValueError(f"the cohort ({cohort.ids.shape[0]}) is not padded to a multiple of "
+                         f"the client chunk ({st.chunk})")
+    keys = loop.call(st.client_keys, key, cohort.ids)
+    first = loop.take((cohort.ids, keys), 0, st.chunk)
+    acc = loop.call(st.empty_accumulator, server, store, data, *first)
+
+    def chunk_body(c, acc):
+        ids, valid, ks, slots = loop.take((cohort.ids, cohort.valid, keys, cohort.collect), c, st.chunk)
+        cs = loop.call(st.begin_chunk, server, acc.store, ids, ks)
+        steps = loop.steps(st, data, ids)
+
+        def epoch_body(e, cs):
+            orders = loop.call(st.epoch_orders, data, ids, cs.shuffle_keys, e)
+            return loop.fori(steps, lambda s, cs: loop.call(st.step, server, cs, data, ids, orders, e, s), cs)
+
+        cs = loop.fori(st.cfg.local_epochs, epoch_body, cs)
+        return loop.call(st.end_chunk, server, cs, data, ids, valid, slots, acc)
+
+    acc = loop.fori(cohort.ids.shape[0] // st.chunk, chunk_body, acc)
+    return loop.call(st.end_round, server, acc, cohort.valid, store if st.axis else None)
 
 
-def _zeros_like_result(result_shape):
-    return jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype),
-                        (result_shape.contribution, result_shape.metrics))
+class _InProgram(Loop):
+    """Everything inside one traced program."""
+
+    def call(self, fn, *args):
+        return fn(*args)
+
+    def fori(self, n, body, carry):
+        return jax.lax.fori_loop(0, n, body, carry)
+
+    def take(self, arrays, index, size):
+        return tuple(jax.lax.dynamic_slice_in_dim(a, index * size, size) for a in arrays)
+
+    def steps(self, stages, data, ids):
+        return stages.num_steps(data)
 
 
-def _train_client(alg: FederatedAlgorithm, cfg: EngineConfig, data: ClientData,
-                  server: PyTree, persistent: PyTree, cid: jax.Array, key: jax.Array):
-    """Local training of one client as nested scans (epochs, steps), then its message."""
-    max_n, b = data.index.shape[1], cfg.batch_size
-    steps = -(-max_n // b)
-    n, rows = data.sizes[cid], data.index[cid]
-    shuffle_key, step_key, finish_key = _client_keys(key)
+class _HostDriven(Loop):
+    """Loops in Python, each stage a small jitted program; steps past the largest client of
+    a chunk are skipped (they would change nothing)."""
 
-    def epoch(state, e):
-        order = _epoch_order(shuffle_key, e, n, max_n, steps, b)
+    def __init__(self, jitted: dict[Callable, Callable], sizes: np.ndarray):
+        self.jitted, self.sizes = jitted, sizes
 
-        def step(state, s):
-            state, loss, active = _local_step(alg, data, server, state, rows, order, n, e, s,
-                                              step_key, b)
-            return state, (loss, active)
+    def call(self, fn, *args):
+        return self.jitted[fn](*args)
 
-        return jax.lax.scan(step, state, jnp.arange(steps))
+    def fori(self, n, body, carry):
+        for i in range(n):
+            carry = body(i, carry)
+        return carry
 
-    state = alg.client_init(server, persistent)
-    state, (losses, active) = jax.lax.scan(epoch, state, jnp.arange(cfg.local_epochs))
-    return _finish(alg, server, state, persistent, n, finish_key, jnp.sum(losses),
-                   jnp.sum(active))
+    def take(self, arrays, index, size):
+        return tuple(a[index * size:(index + 1) * size] for a in arrays)
+
+    def steps(self, stages, data, ids):
+        return -(-int(self.sizes[np.asarray(ids)].max()) // stages.b)
 
 
-STRATEGIES = ("scan", "host_loop")
+class _Compiling(_HostDriven):
+    """Walks the host-driven round once on abstract values, compiling every stage it meets:
+    one chunk, one epoch and one step stand for all of them (their shapes are the same)."""
 
+    def call(self, fn, *args):
+        jitted = self.jitted[fn]
+        jitted.lower(*args).compile()
+        return jax.eval_shape(jitted, *args)
 
-CLIENTS_AXIS = "clients"
+    def fori(self, n, body, carry):
+        return body(0, carry) if n else carry
+
+    def take(self, arrays, index, size):
+        return tuple(jax.ShapeDtypeStruct((size, *a.shape[1:]), a.dtype) for a in arrays)
+
+    def steps(self, stages, data, ids):
+        return 1
 
 
 def clients_mesh(num_devices: int = 0) -> Mesh:
@@ -232,202 +412,67 @@ def clients_mesh(num_devices: int = 0) -> Mesh:
     return Mesh(np.array(devices), (CLIENTS_AXIS,))
 
 
-def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "scan",
-                  mesh: Mesh | None = None, collect_uplink: bool = False):
-    """Returns ``round(server, store, data, cohort, valid, key) -> (server, store, metrics)``.
+class RoundFn:
+    """``round(server, store, data, cohort, key) -> RoundOutput``; ``compile(...)`` the same
+    arguments (or their shapes) ahead of time and returns the seconds it took.
 
-    ``cohort`` holds client ids padded to a multiple of ``cfg.client_chunk_size`` and
-    ``valid`` is 1 for real clients, 0 for padding. ``store`` holds every client's persistent
-    state with a leading client axis (``()`` for methods that keep none). Metrics are cohort
-    means of the per-client metrics.
-
-    ``strategy="scan"`` compiles the whole round (chunks, epochs, steps) into one program.
-    ``strategy="host_loop"`` drives chunks, epochs and steps from Python, one jitted step at a
-    time: XLA:CPU runs a convolution inside a loop body (``while``) tens of times slower than
-    the same convolution at top level (jax-ml/jax#12868; measured here: 3.4 vs 172 Conv4
-    examples/s), so on CPU conv models the loop must stay outside the compiled program. Both
-    strategies draw the same random numbers and give the same results.
-
-    ``mesh`` (scan only): shard the cohort over its ``clients`` axis; the cohort must then be
-    padded to a multiple of ``client_chunk_size * mesh.size``.
-
-    ``collect_uplink``: the round also returns every client's ``alg.uplink_payload`` (in
-    cohort order, padding included) and leaves the server state *unchanged*: the caller codes
-    and decodes the messages and applies ``alg.server_update`` to what it decoded.
-    """
-    if collect_uplink and alg.uplink_payload is None:
-        raise ValueError(f"{alg.name} has no uplink_payload to collect")
-    if strategy == "scan":
-        return _ScanRound(alg, cfg, mesh if mesh is not None and mesh.size > 1 else None,
-                          collect_uplink)
-    if strategy == "host_loop":
-        return _HostLoopRound(alg, cfg, collect_uplink)
-    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-
-
-class _ScanRound:
-    """The whole round as one jitted program, optionally sharded over a ``clients`` mesh axis.
-
-    With a mesh, each device trains its slice of the cohort (chunked as usual) and the
-    per-device sums are combined with ``psum`` over ``clients`` -- DrJAX's map/reduce shape
-    written with ``jax.shard_map``. Persistent client states are updated where their client
-    trained and summed back as deltas, so every device ends with the same store.
+    ``strategy="scan"``: the whole round is one program, sharded over the ``clients`` axis
+    of ``mesh`` when it has several devices (each device trains its slice of the cohort, the
+    sums are combined with ``psum`` -- DrJAX's map/reduce shape written with
+    ``jax.shard_map``). ``strategy="host_loop"``: jitted stages driven from Python, one
+    device. Both draw the same random numbers and give the same results.
     """
 
-    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, mesh: Mesh | None = None,
-                 collect_uplink: bool = False):
-        chunk = cfg.client_chunk_size
-        axis = CLIENTS_AXIS if mesh is not None else None
-        payload = jax.vmap(alg.uplink_payload) if collect_uplink else None
-
-        def round_fn(server, store, data: ClientData, cohort, valid, key):
-            num_clients = data.index.shape[0]
-
-            def train_chunk(store, ids, keys):
-                persistent = jax.tree.map(lambda p: p[ids], store)
-                train = lambda p, c, k: _train_client(alg, cfg, data, server, p, c, k)  # noqa: E731
-                return _over_clients(train, chunk)(persistent, ids, keys)
-
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(key, cohort)
-            chunks = (cohort.reshape(-1, chunk), valid.reshape(-1, chunk),
-                      keys.reshape(-1, chunk, *keys.shape[1:]))
-            zero = _zeros_like_result(jax.eval_shape(train_chunk, store, chunks[0][0], chunks[2][0]))
-
-            def body(carry, xs):
-                acc, store = carry
-                ids, v, ks = xs
-                result = train_chunk(store, ids, ks)
-                uplink = payload(result.contribution) if payload else None
-                return _accumulate(acc, store, result, ids, v, num_clients), uplink
-
-            (acc, new_store), uplink = jax.lax.scan(body, (zero, store), chunks)
-            k = jnp.sum(valid)
-            if axis is not None:
-                acc, k = jax.lax.psum((acc, k), axis)
-                new_store = jax.tree.map(lambda old, new: old + jax.lax.psum(new - old, axis),
-                                         store, new_store)
-            server, metrics = _finish_round(alg, server, acc, valid, k, update=not collect_uplink)
-            if collect_uplink:
-                return server, new_store, metrics, uplink.reshape(-1, uplink.shape[-1])
-            return server, new_store, metrics
-
-        if mesh is not None:
-            rep, split = PartitionSpec(), PartitionSpec(CLIENTS_AXIS)
-            # check_vma=False: the mask's custom VJP returns theta * g, a cotangent that varies
-            # over devices for a theta that does not, which the manual-axis type check rejects.
-            round_fn = jax.shard_map(round_fn, mesh=mesh,
-                                     in_specs=(rep, rep, rep, split, split, rep),
-                                     out_specs=(rep, rep, rep) + ((split,) if collect_uplink else ()),
-                                     check_vma=False)
-        self._jit = jax.jit(round_fn, donate_argnums=(0, 1), compiler_options=compiler_options(cfg))
+    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "scan",
+                 mesh: Mesh | None = None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        sharded = strategy == "scan" and mesh is not None and mesh.size > 1
+        self.strategy, self.cfg = strategy, cfg
+        self.devices = mesh.size if sharded else 1
+        stages = _Stages(alg, cfg, CLIENTS_AXIS if sharded else None)
+        jit = functools.partial(jax.jit, compiler_options=compiler_options(cfg))
+        if strategy == "scan":
+            program = functools.partial(_round_program, _InProgram(), stages)
+            if sharded:
+                rep, split = PartitionSpec(), PartitionSpec(CLIENTS_AXIS)
+                cohort_spec = Cohort(split, split, split)
+                # check_vma=False: the mask's custom VJP returns theta * g, a cotangent that
+                # varies over devices for a theta that does not, which the type check rejects.
+                program = jax.shard_map(program, mesh=mesh, in_specs=(rep, rep, rep, cohort_spec, rep),
+                                        out_specs=rep, check_vma=False)
+            self._program = jit(program, donate_argnums=(0, 1))
+        else:
+            donate = {stages.step: (1,), stages.end_chunk: (6,)}
+            self._stages = {fn: jit(fn, donate_argnums=donate.get(fn, ()))
+                            for fn in (stages.client_keys, stages.empty_accumulator, stages.begin_chunk,
+                                       stages.epoch_orders, stages.step, stages.end_chunk, stages.end_round)}
+            self._program = stages
         self._compiled = None
 
-    def compile(self, *args) -> float:
+    def compile(self, server, store, data, cohort: Cohort, key) -> float:
         t0 = time.perf_counter()
-        self._compiled = self._jit.lower(*args).compile()
+        if self.strategy == "scan":
+            self._compiled = self._program.lower(server, store, data, cohort, key).compile()
+        else:
+            abstract = jax.tree.map(
+                lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                (server, store, data, cohort, key))
+            _round_program(_Compiling(self._stages, np.zeros(0)), self._program, *abstract)
         return time.perf_counter() - t0
 
-    def __call__(self, *args):
-        return (self._compiled or self._jit)(*args)
+    def __call__(self, server, store, data, cohort: Cohort, key) -> RoundOutput:
+        if self.strategy == "scan":
+            return (self._compiled or self._program)(server, store, data, cohort, key)
+        loop = _HostDriven(self._stages, np.asarray(data.sizes))
+        ids = np.asarray(cohort.ids)  # host copy: the chunk's step count is read from it
+        return _round_program(loop, self._program, server, store, data, cohort._replace(ids=ids), key)
 
 
-class _HostLoopRound:
-    """Chunks, epochs and steps driven from Python; each piece is a small jitted function."""
-
-    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, collect_uplink: bool = False):
-        self.cfg = cfg
-        chunk, b = cfg.client_chunk_size, cfg.batch_size
-
-        def begin(server, store, data, ids, keys):
-            persistent = jax.tree.map(lambda p: p[ids], store)
-            states = _over_clients(lambda p: alg.client_init(server, p), chunk)(persistent)
-            return states, persistent, jax.vmap(_client_keys)(keys)
-
-        def order(data, ids, shuffle_keys, e):
-            max_n = data.index.shape[1]
-            steps = -(-max_n // b)
-            return jax.vmap(lambda c, k: _epoch_order(k, e, data.sizes[c], max_n, steps, b))(
-                ids, shuffle_keys)
-
-        def step(server, states, data, ids, orders, step_keys, e, s, loss_sum, active_sum):
-            def one(state, c, order, k):
-                return _local_step(alg, data, server, state, data.index[c], order,
-                                   data.sizes[c], e, s, k, b)
-            states, loss, active = _over_clients(one, chunk)(states, ids, orders, step_keys)
-            return states, loss_sum + loss, active_sum + active
-
-        def finish_chunk(server, states, persistent, data, ids, finish_keys, loss_sum, active_sum):
-            def one(state, p, c, k, ls, act):
-                return _finish(alg, server, state, p, data.sizes[c], k, ls, act)
-            return _over_clients(one, chunk)(states, persistent, ids, finish_keys, loss_sum,
-                                             active_sum)
-
-        def accumulate(acc, store, result, ids, valid, data):
-            return _accumulate(acc, store, result, ids, valid, data.index.shape[0])
-
-        jit = functools.partial(jax.jit, compiler_options=compiler_options(cfg))
-        self._begin = jit(begin)
-        self._order = jit(order)
-        self._step = jit(step, donate_argnums=(1, 8, 9))
-        self._finish_chunk = jit(finish_chunk)
-        self._accumulate = jit(accumulate, donate_argnums=(0, 1))
-        self._finish_round = jit(
-            lambda server, acc, valid: _finish_round(alg, server, acc, valid,
-                                                     update=not collect_uplink))
-        self._payload = jit(jax.vmap(alg.uplink_payload)) if collect_uplink else None
-
-    def _pieces(self, server, store, data, cohort, valid, key, run: bool):
-        """Walks one round's pieces, either running them or only lowering and compiling them.
-
-        With ``run=False`` the arguments may be shapes (``jax.ShapeDtypeStruct``) and each
-        piece is compiled once on its abstract inputs (one step stands for all steps).
-        """
-        chunk, b = self.cfg.client_chunk_size, self.cfg.batch_size
-        call = (lambda fn, *a: fn(*a)) if run else (
-            lambda fn, *a: (fn.lower(*a).compile(), jax.eval_shape(fn, *a))[1])
-        if run:
-            sizes, cohort_host = np.asarray(data.sizes), np.asarray(cohort)
-        keys = jax.eval_shape(lambda k, c: jax.vmap(jax.random.fold_in, (None, 0))(k, c), key,
-                              cohort) if not run else jax.vmap(jax.random.fold_in, (None, 0))(key, cohort)
-        acc, uplinks = None, []
-        for start in range(0, cohort.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            ids, v, ks = (cohort[sl], valid[sl], keys[sl]) if run else (
-                jax.ShapeDtypeStruct((chunk,), cohort.dtype),
-                jax.ShapeDtypeStruct((chunk,), valid.dtype),
-                jax.ShapeDtypeStruct((chunk, *keys.shape[1:]), keys.dtype))
-            states, persistent, (shuffle_k, step_k, finish_k) = call(self._begin, server, store, data, ids, ks)
-            # Steps past the largest client of this chunk change nothing: skip them.
-            steps = -(-int(sizes[cohort_host[sl]].max()) // b) if run else 1
-            loss_sum = jnp.zeros((chunk,), jnp.float32)
-            active_sum = jnp.zeros((chunk,), jnp.float32)
-            for e in range(self.cfg.local_epochs if run else 1):
-                orders = call(self._order, data, ids, shuffle_k, e)
-                for s in range(steps):
-                    states, loss_sum, active_sum = call(
-                        self._step, server, states, data, ids, orders, step_k, e, s, loss_sum,
-                        active_sum)
-            result = call(self._finish_chunk, server, states, persistent, data, ids, finish_k,
-                          loss_sum, active_sum)
-            if acc is None:
-                acc = _zeros_like_result(result)
-            if self._payload is not None:
-                uplinks.append(call(self._payload, result.contribution))
-            acc, store = call(self._accumulate, acc, store, result, ids, v, data)
-            if not run:
-                break  # every chunk has the same shapes
-        server, metrics = call(self._finish_round, server, acc, valid)
-        if self._payload is not None:
-            return server, store, metrics, jnp.concatenate(uplinks) if run else None
-        return server, store, metrics
-
-    def compile(self, *args) -> float:
-        t0 = time.perf_counter()
-        self._pieces(*args, run=False)
-        return time.perf_counter() - t0
-
-    def __call__(self, *args):
-        return self._pieces(*args, run=True)
+def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "scan",
+                  mesh: Mesh | None = None) -> RoundFn:
+    """See ``RoundFn``."""
+    return RoundFn(alg, cfg, strategy, mesh)
 
 
 def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int,
@@ -470,14 +515,12 @@ def init_store(alg: FederatedAlgorithm, num_clients: int) -> PyTree:
 
 
 def auto_strategy(*, conv: bool, backend: str) -> str:
-    """The whole round in one program, except conv models on XLA:CPU (see make_round_fn)."""
+    """The whole round in one program, except conv models on XLA:CPU (see RoundFn)."""
     return "host_loop" if (backend == "cpu" and conv) else "scan"
 
 
 def cpu_cache_bytes(default: int = 32 * 2**20) -> int:
     """The last-level cache of this host (L3 from sysconf, else L2), or ``default``."""
-    import os
-
     for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
         try:
             size = os.sysconf(name)
@@ -490,19 +533,15 @@ def cpu_cache_bytes(default: int = 32 * 2**20) -> int:
 
 def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: str,
                     memory_budget_bytes: float | None = None) -> int:
-    """How many clients to vmap together, chosen per backend (DESIGN section 4).
+    """How many clients to vmap together, chosen per backend.
 
     On XLA:CPU a vmapped convolution becomes a grouped convolution whose gradient runs ~35x
     slower than a plain one, so conv clients run one at a time there. Everywhere else clients
     are vmapped, as many as fit a memory budget (scores, optimizer state, gradients and
     masks: ~8 copies of the parameters per client), preferring a divisor of the cohort so no
-    padding clients are trained.
-
-    On CPU the budget is the last-level cache, with at least two clients: a chunk whose
-    working set stays in cache trains fastest. Measured here (32 MiB L3, MLP 784-300-100-10,
-    100 clients x 128 examples x 3 epochs; docs/benchmarks.md): chunk 1 / 2 / 4 / 10 / 25 /
-    100 ran 1.15 / 1.34 / 1.17 / 0.92 / 0.83 / 0.75 rounds/s. On GPU/TPU the budget is 8 GB of
-    device memory.
+    padding clients are trained. On CPU the budget is the last-level cache, with at least two
+    clients (a chunk whose working set stays in cache trains fastest; docs/benchmarks.md);
+    on GPU/TPU it is 8 GB of device memory.
     """
     if backend == "cpu" and conv:
         return 1

@@ -2,11 +2,15 @@
 
 import functools
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedmask_jax import engine, models
 from fedmask_jax.algorithms import fedpm as fedpm_lib
 from fedmask_jax.data import datasets, splits
+
+DIGITS_ARCH = models.Architecture("mlp", 10, (8, 8, 1), mlp_hidden=(32,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,3 +27,15 @@ def digits_client_data(num_clients=4, seed=0, cap=None):
     ds = digits()
     parts = splits.partition(ds.y_train, num_clients, "iid", seed=seed, max_examples_per_client=cap)
     return engine.client_data_from_partition(ds.x_train, ds.y_train, parts), parts
+
+
+def run_round(alg, data, clients, *, chunk=1, epochs=2, batch_size=64, strategy="scan", collect=0,
+              key=None, server=None, store=None):
+    """One round of ``alg`` on ``clients`` from a fresh server (or ``server``/``store``)."""
+    cfg = engine.EngineConfig(batch_size=batch_size, local_epochs=epochs, client_chunk_size=chunk,
+                              collect=collect)
+    cohort = engine.make_cohort(np.asarray(clients, np.int32), chunk, collect)
+    server = alg.server_init(jax.random.key(0)) if server is None else server
+    store = engine.init_store(alg, data.index.shape[0]) if store is None else store
+    key = jax.random.key(7) if key is None else key
+    return engine.make_round_fn(alg, cfg, strategy)(server, store, data, cohort, key)
