@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-_COUNT_BITS = 32  # the global code's header: the number of ones
+COUNT_BITS = 32  # the global code's header: the number of ones
+# Keep-probabilities are clipped to [P_MIN, 1 - P_MIN] so that an entry the model is sure
+# about stays codable; the ideal code lengths computed on the device use the same clip.
+P_MIN = 1e-7
 
 
 def _bernoulli():
@@ -28,7 +31,7 @@ def _bernoulli():
 def _probs(p: np.ndarray, n: int) -> np.ndarray:
     p = np.broadcast_to(np.asarray(p, np.float64), (n,))
     # constriction needs p in [0, 1]; clip so that an entry it is sure about stays codable.
-    return np.clip(p, 1e-7, 1 - 1e-7)
+    return np.clip(p, P_MIN, 1 - P_MIN)
 
 
 def encode(mask: np.ndarray, probs) -> np.ndarray:
@@ -65,8 +68,23 @@ def decode_global(ones: int, words: np.ndarray, n: int) -> np.ndarray:
 
 
 def global_bits(words: np.ndarray) -> int:
-    return 32 * len(words) + _COUNT_BITS
+    return 32 * len(words) + COUNT_BITS
 
 
 def prior_bits(words: np.ndarray) -> int:
     return 32 * len(words)
+
+
+def ideal_bits(mask: np.ndarray, probs) -> float:
+    """-sum log2 p(m_i) under the model ``encode`` uses (clipped per-entry keep-probabilities),
+    in float64: the length a perfect coder would reach."""
+    mask = np.asarray(mask).ravel()
+    p = _probs(probs, mask.size)
+    return float(-np.sum(np.log2(np.where(mask > 0, p, 1.0 - p))))
+
+
+def ideal_global_bits(mask: np.ndarray) -> float:
+    """The global code's ideal length: the count header and n entries at the mask's own f."""
+    mask = np.asarray(mask).ravel()
+    f = global_probability(int(mask.sum()), mask.size)
+    return COUNT_BITS + ideal_bits(mask, f)

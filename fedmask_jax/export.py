@@ -12,7 +12,7 @@ Layout (little-endian):
 Loading checks every length, the magic, the version, the CRC and the decoded count of ones,
 so a truncated or altered file raises ``ModelFileError`` instead of producing a wrong model.
 The frozen weights are not stored: they are regenerated from the seed exactly as the run
-made them (``fedpm.init_model_variables`` with ``fedpm.server_key(seed)``).
+made them (``fedpm.init_model_variables`` with ``keys.server_key(seed)``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmask_jax import coding, models
+from fedmask_jax import coding, keys, models
 from fedmask_jax.algorithms import fedpm as fedpm_lib
 
 MAGIC = b"FMJXMASK"
@@ -115,7 +115,7 @@ def load_model(path: str) -> LoadedModel:
 
     model = models.build_model(**header["architecture"]).clone(mask_mode="threshold")
     sample = jnp.zeros((1, *header["input_shape"]), jnp.uint8)
-    variables = fedpm_lib.init_model_variables(model, sample, fedpm_lib.server_key(header["seed"]))
+    variables = fedpm_lib.init_model_variables(model, sample, keys.server_key(header["seed"]))
     if models.count_entries(variables["params"]) != n:
         _fail(path, "mask size does not match its architecture")
     # A +1/-1 score per entry makes the thresholded mask exactly the stored one.

@@ -15,6 +15,7 @@ the baselines that train weights rather than masks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -222,3 +223,29 @@ def is_conv(name: str) -> bool:
 
 def count_entries(tree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """An architecture for a dataset: enough to build its masked or dense model anywhere
+    (a saved model file stores it)."""
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    width: float = 1.0
+    mlp_hidden: tuple[int, ...] = (300, 100)
+
+    def build(self, *, masked: bool, weight_init: str = "signed_constant",
+              mask_gradient: str = "reference") -> nn.Module:
+        return build_model(self.name, self.num_classes, width=self.width,
+                           mlp_hidden=self.mlp_hidden, masked=masked, weight_init=weight_init,
+                           mask_gradient=mask_gradient)
+
+    def sample_input(self) -> jax.Array:
+        """One all-zero input batch of the dataset's shape (uint8 pixels), for shapes."""
+        return jnp.zeros((1, *self.input_shape), jnp.uint8)
+
+    @property
+    def conv(self) -> bool:
+        return is_conv(self.name)

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmask_jax import engine, masking, models
+from fedmask_jax import engine, masking
 from fedmask_jax.algorithms import fedavg as fedavg_lib
 from fedmask_jax.algorithms import registry
-from tests.helpers import digits, digits_client_data
+from tests.helpers import DIGITS_ARCH, digits, digits_client_data
 
 HIDDEN = (32,)
 # Layer sizes of the 64-32-10 MLP in flat order (biases first within a layer, as flax sorts).
@@ -32,16 +32,13 @@ def _expected_bits(name: str) -> float | None:
 
 
 def _build(name: str):
-    model = models.build_model("mlp", 10, mlp_hidden=HIDDEN, masked=registry.is_mask_method(name))
-    sample_x = jnp.zeros((1, 8, 8, 1), jnp.uint8)
     # signsgd's majority vote moves every weight by the server step: a larger one for 3 rounds.
-    fedavg_config = fedavg_lib.FedAvgConfig(
-        server_lr=0.01 if name == "signsgd" else registry.default_server_lr(name))
-    return registry.build(name, model, sample_x, fedavg_config=fedavg_config)
+    settings = {"server_lr": 0.01} if name == "signsgd" else {}
+    return registry.build(name, DIGITS_ARCH, registry.method_config(name, **settings))
 
 
 def test_registry_layer_sizes_match_the_model():
-    model = models.build_model("mlp", 10, mlp_hidden=HIDDEN, masked=False)
+    model = DIGITS_ARCH.build(masked=False)
     assert fedavg_lib.layer_sizes(model, jnp.zeros((1, 8, 8, 1), jnp.uint8)) == SEGMENTS
 
 
@@ -54,15 +51,15 @@ def test_a_few_rounds_reduce_the_loss_and_bits_follow_the_definition(name):
     x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test, jnp.int32)
     round_fn = engine.make_round_fn(alg, engine.EngineConfig(batch_size=32, local_epochs=2,
                                                              client_chunk_size=4))
+    cohort = engine.make_cohort(np.arange(4, dtype=np.int32), 4)
     evaluate = engine.make_eval_fn(alg, 128)
     server = alg.server_init(jax.random.key(0))
     store = engine.init_store(alg, 4)
-    cohort, valid = jnp.arange(4, dtype=jnp.int32), jnp.ones(4)
     before = float(evaluate(server, x_test, y_test, jax.random.key(9))["test_loss"])
     bits = []
     for r in range(3):
-        server, store, metrics = round_fn(server, store, data, cohort, valid, jax.random.key(r))
-        bits.append(float(metrics["uplink_bits"]))
+        server, store, metrics, _ = round_fn(server, store, data, cohort, jax.random.key(r))
+        bits.append(float(metrics["uplink_bpp"]) * N)
     after = evaluate(server, x_test, y_test, jax.random.key(9))
     assert float(after["test_loss"]) < 0.9 * before, (before, float(after["test_loss"]))
     assert float(after["test_accuracy"]) > 0.3
@@ -71,7 +68,7 @@ def test_a_few_rounds_reduce_the_loss_and_bits_follow_the_definition(name):
     elif name == "qsgd":  # Elias-coded: at least the bucket norms and a sign per non-zero
         assert all(32 * math.ceil(N / 512) < b < 32 * N for b in bits)
     else:
-        assert bits == [_expected_bits(name)] * 3
+        assert bits == pytest.approx([_expected_bits(name)] * 3, rel=1e-6)
 
 
 def test_error_feedback_methods_keep_a_residual_per_client():
@@ -81,8 +78,8 @@ def test_error_feedback_methods_keep_a_residual_per_client():
     data, _ = digits_client_data(num_clients=4)
     round_fn = engine.make_round_fn(alg, engine.EngineConfig(32, 1, 2))
     server = alg.server_init(jax.random.key(0))
-    cohort, valid = jnp.asarray([0, 2], jnp.int32), jnp.ones(2)
-    _, store, _ = round_fn(server, store, data, cohort, valid, jax.random.key(0))
+    cohort = engine.make_cohort(np.array([0, 2], np.int32), 2)
+    store = round_fn(server, store, data, cohort, jax.random.key(0)).store
     norms = np.linalg.norm(np.asarray(store), axis=1)
     assert norms[0] > 0 and norms[2] > 0 and norms[1] == 0 and norms[3] == 0
 
@@ -105,5 +102,5 @@ def test_fedmask_sends_its_thresholded_mask():
     jax.tree.map(lambda m, s: np.testing.assert_array_equal(m, np.asarray(s > 0, np.float32)),
                  result.contribution, server.scores)
     ones = sum(float(m.sum()) for m in jax.tree.leaves(result.contribution))
-    assert float(result.metrics["uplink_bits"]) == pytest.approx(
+    assert float(result.metrics["uplink_bpp"]) * N == pytest.approx(
         float(masking.mask_bits(jnp.float32(ones), N)), rel=1e-6)

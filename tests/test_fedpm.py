@@ -60,12 +60,42 @@ def test_client_message_is_a_binary_mask_with_reference_bits():
     ones = sum(float(x.sum()) for x in leaves)
     n = alg.num_params
     assert float(result.metrics["mask_density"]) == pytest.approx(ones / n)
-    assert float(result.metrics["uplink_bits"]) == pytest.approx(float(masking.mask_bits(jnp.float32(ones), n)), rel=1e-6)
+    assert float(result.metrics["uplink_bpp"]) * n == pytest.approx(
+        float(masking.mask_bits(jnp.float32(ones), n)), rel=1e-6)
+
+
+def test_code_lengths_on_the_device_are_the_range_coders_ideal_and_it_reaches_them():
+    """The round's per-client code lengths (theta_g prior and global frequency) equal the
+    host's float64 ideal under the coder's own model, and constriction's real streams come
+    within 0.1% of them (plus its 64-bit flush)."""
+    from fedmask_jax import coding
+
+    alg = small_fedpm()
+    server = alg.server_init(jax.random.key(0))
+    # A polarised broadcast, as late in training, with entries at and past the clip.
+    scores = jax.tree.map(lambda s: 6.0 * s, server.scores)
+    scores = jax.tree.map(lambda s: s.at[..., 0].set(40.0).at[..., 1].set(-40.0), scores)
+    server = server._replace(scores=scores)
+    state = alg.client_init(server, alg.persistent_init())
+    state = state._replace(scores=jax.tree.map(lambda s: s + 0.5, state.scores))  # it trained
+    result = alg.client_finish(server, state, (), jnp.int32(10), jax.random.key(1))
+    n = alg.num_params
+    mask = np.asarray(fedpm_lib.flat(result.contribution)).astype(np.uint8)
+    theta = fedpm_lib.flat(fedpm_lib.theta(server)).astype(np.float64)
+    prior = float(result.metrics["uplink_bpp_coded_prior"]) * n
+    glob = float(result.metrics["uplink_bpp_coded_global"]) * n
+    assert prior == pytest.approx(coding.ideal_bits(mask, theta), rel=1e-5)
+    assert glob == pytest.approx(coding.ideal_global_bits(mask), rel=1e-5)
+    # The uplink payload is that mask, bit-packed.
+    np.testing.assert_array_equal(np.unpackbits(np.asarray(alg.uplink_payload(result.contribution)))[:n], mask)
+    for measured, ideal in ((coding.prior_bits(coding.encode(mask, theta)), prior),
+                            (coding.global_bits(coding.encode_global(mask)[1]), glob)):
+        assert ideal - 1 <= measured <= ideal * 1.001 + 64
 
 
 def test_client_steps_reduce_loss_on_a_fixed_batch():
     from tests.helpers import digits
-    from fedmask_jax.algorithms import Batch
+    from fedmask_jax.algorithms.base import Batch
 
     ds = digits()
     alg = small_fedpm(client_lr=0.1)
@@ -83,6 +113,10 @@ def test_client_steps_reduce_loss_on_a_fixed_batch():
 @pytest.mark.parametrize("kwargs,match", [
     ({"epsilon": 0.0}, "epsilon"), ({"lambda0": 0.5}, "lambda0"),
     ({"prior_reset_period": 0}, "prior_reset_period"), ({"client_lr": -1.0}, "client_lr"),
+    ({"client_lr": float("nan")}, "--client_lr must be a finite number"),
+    ({"lambda0": float("nan")}, "--lambda0 must be a finite number"),
+    ({"verify_coded_clients": "some"}, "--verify_coded_clients must be a number of clients"),
+    ({"downlink": "carrier pigeon"}, "--downlink='carrier pigeon' is unknown"),
 ])
 def test_bad_config_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,4 @@
-"""The contract between a federated algorithm and the engine.
+"""The contracts between a method, the engine and the run loop.
 
 An algorithm is a bundle of pure functions (in the spirit of optax's ``init``/``update`` and
 FedJAX's ``FederatedAlgorithm``). The engine owns rounds, cohorts, padding, chunking and
@@ -9,11 +9,17 @@ pytree, the engine adds them up (over a chunk, over chunks, over devices) and ha
 to ``server_update``. Every aggregation rule of the methods we simulate (Beta counts, weighted
 means, majority votes) is such a sum, and summing keeps memory bounded by the chunk of
 clients trained at once rather than by the cohort.
+
+A method is registered as a ``MethodSpec``: its config dataclass (which is also its set of
+command-line flags), a builder of the algorithm, and the ``HostHook``s it needs on the host
+(the run loop calls them without knowing what they do).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from concurrent.futures import Future
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
@@ -44,6 +50,7 @@ class FederatedAlgorithm(NamedTuple):
     client_init(server_state, persistent) -> client_state
     client_step(server_state, client_state, batch, key) -> (client_state, loss)
     client_finish(server_state, client_state, persistent, num_examples, key) -> ClientResult
+        (its metrics include ``uplink_bpp``: the message's size in bits per parameter)
     server_update(server_state, contribution_sum, num_clients) -> server_state
     evaluate(server_state, batch, key) -> dict of per-batch *sums* (the engine divides by the
         number of real examples)
@@ -58,6 +65,63 @@ class FederatedAlgorithm(NamedTuple):
     server_update: Callable[[PyTree, PyTree, jax.Array], PyTree]
     evaluate: Callable[[PyTree, Batch, jax.Array], dict[str, jax.Array]]
     num_params: int  # entries the uplink message describes (for bits per parameter)
-    # contribution -> flat uint8 array: the client's message as it leaves the device, for
-    # methods whose messages are coded on the host (None: the engine never collects them).
+    # contribution -> flat uint8 array: the client's message as it would leave the device,
+    # for methods whose messages the host codes (None: there is nothing to collect).
     uplink_payload: Callable[[PyTree], jax.Array] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HostContext:
+    """What a method's host hooks may know about the run."""
+
+    algorithm: FederatedAlgorithm
+    config: Any  # the method's config dataclass
+    architecture: Any  # models.Architecture
+    seed: int
+    clients_per_round: int
+    workdir: str | None  # None: write no files
+    verbose: bool = True
+
+
+class HostHook:
+    """Host-side work a method needs around the rounds; every method has a default.
+
+    ``collect``: how many clients' messages per round the hook wants to see
+    (``RoundOutput.collected``). ``before_round`` runs before the round is launched and may
+    return a ticket (e.g. a copy of what the server broadcasts) handed to ``after_round``.
+    ``after_round`` returns record fields, or a ``Future`` of them for work that overlaps
+    the next round; a failure raises ``RunFault``. ``finish`` returns summary fields.
+    """
+
+    collect: int = 0
+
+    def header(self) -> str | None:
+        return None
+
+    def before_round(self, round_index: int, server: PyTree) -> Any:
+        return None
+
+    def after_round(self, round_index: int, output: Any, ticket: Any) -> dict | Future:
+        return {}
+
+    def finish(self, server: PyTree, history: Any) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class RunFault(RuntimeError):
+    """A check on the host found the run's results wrong; the run stops."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One method: what it is, its settings, how to build it, what it does on the host."""
+
+    name: str
+    description: str  # one line: what each client sends
+    config: type  # a frozen dataclass of ``config.setting`` fields
+    build: Callable[[Any, Any], FederatedAlgorithm]  # (models.Architecture, config) ->
+    masked: bool  # trains masks over frozen weights (else dense weights)
+    host_hooks: Callable[[HostContext], Sequence[HostHook]] = lambda ctx: ()

@@ -12,46 +12,75 @@ the adaptive ones).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, PyTree
+from fedmask_jax import models
+from fedmask_jax.algorithms import compressors as C
+from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree
 from fedmask_jax.algorithms.compressors import Compressor
+from fedmask_jax.config import check, setting
 from fedmask_jax.models import count_entries
 
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 AGGREGATIONS = ("mean", "majority_vote")
 
 
+def _power_of_two(value: int) -> str | None:
+    return None if value >= 2 and value & (value - 1) == 0 else f"must be a power of 2 >= 2, got {value}"
+
+
 @dataclasses.dataclass(frozen=True)
 class FedAvgConfig:
-    client_optimizer: str = "sgd"
-    client_lr: float = 0.1
-    client_momentum: float = 0.9  # for "sgdm"
-    server_optimizer: str = "sgd"
-    server_lr: float = 1.0
-    server_momentum: float = 0.9  # for "sgdm"
-    aggregation: str = "mean"  # mean | majority_vote (sign of the sum of the decoded messages)
+    """Dense FedAvg: client and server optimizers (the server's acts on -(aggregate))."""
+
+    client_optimizer: str = setting("sgd", "Client optimizer of the dense weights.", choices=OPTIMIZERS)
+    client_lr: float = setting(0.1, "Client learning rate (mask methods: Adam on the scores; dense "
+                               "methods: --client_optimizer).", min=0, min_open=True)
+    client_momentum: float = setting(0.9, "Momentum for --client_optimizer=sgdm.", min=0, max=1, max_open=True)
+    server_optimizer: str = setting("sgd", "Optax optimizer the server applies to -(aggregated "
+                                    "update); sgd at lr 1 is FedAvg.", choices=OPTIMIZERS)
+    server_lr: float = setting(1.0, "Server learning rate.", min=0, min_open=True)
+    server_momentum: float = setting(0.9, "Momentum for --server_optimizer=sgdm.", min=0, max=1, max_open=True)
+    # mean | majority_vote (sign of the sum of the decoded messages); set by the method.
+    aggregation: str = setting("mean", "Aggregation of the decoded messages.", choices=AGGREGATIONS,
+                               flag=False)
 
     def __post_init__(self):
-        for flag, value in (("client_optimizer", self.client_optimizer),
-                            ("server_optimizer", self.server_optimizer)):
-            if value not in OPTIMIZERS:
-                raise ValueError(f"--{flag}={value!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation {self.aggregation!r} is unknown; allowed: {AGGREGATIONS}")
-        for flag, value in (("client_lr", self.client_lr), ("server_lr", self.server_lr)):
-            if value <= 0:
-                raise ValueError(f"--{flag} must be > 0, got {value}")
-        for flag, value in (("client_momentum", self.client_momentum),
-                            ("server_momentum", self.server_momentum)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"--{flag} must be in [0, 1), got {value}")
+        check(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignSGDConfig(FedAvgConfig):
+    # A majority vote moves every weight by the full server step, so it needs a small one;
+    # tuned on Fashion-MNIST (experiments/configs/methods/signsgd.flags).
+    server_lr: float = setting(3e-3, "Server learning rate.", min=0, min_open=True)
+    aggregation: str = setting("majority_vote", "Aggregation of the decoded messages.",
+                               choices=AGGREGATIONS, flag=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKConfig(FedAvgConfig):
+    topk_fraction: float = setting(0.01, "topk: fraction of the update's entries sent.",
+                                   min=0, max=1, min_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class QSGDConfig(FedAvgConfig):
+    qsgd_levels: int = setting(8, "qsgd: quantisation levels s.", min=1)
+    qsgd_bucket: int = setting(512, "qsgd: entries per bucket (one norm each).", min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DriveConfig(FedAvgConfig):
+    drive_chunk: int = setting(4096, "drive: Hadamard rotation size (one scale per chunk).",
+                               check=_power_of_two)
 
 
 def make_optimizer(kind: str, lr: float, momentum: float) -> optax.GradientTransformation:
@@ -111,11 +140,13 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: FedAvgConfi
         message, persistent = compressor.encode(delta, persistent, key)
         # The server's reconstruction, from the message and the shared key only.
         decoded = compressor.decode(message, key)
-        metrics = {"uplink_bits": compressor.bits(message),
+        metrics = {"uplink_bpp": compressor.bits(message) / num_params,
+                   "downlink_bpp": jnp.float32(32.0),  # the global weights as float32
                    "update_norm": jnp.linalg.norm(delta)}
         return ClientResult(decoded, persistent, metrics)
 
     def server_update(server: FedAvgServerState, decoded_sum, num_clients):
+        chex.assert_shape(decoded_sum, (num_params,))
         if config.aggregation == "majority_vote":
             aggregate = jnp.sign(decoded_sum)
         else:
@@ -144,3 +175,37 @@ def layer_sizes(model: nn.Module, sample_x: jax.Array) -> list[int]:
     """Sizes of the parameter leaves in flat-vector order (for per-layer scales)."""
     shapes = jax.eval_shape(lambda k: init_dense_params(model, sample_x, k), jax.random.key(0))
     return [int(s.size) for s in jax.tree.leaves(shapes)]
+
+
+def _dense(compressor_for: Callable[[FedAvgConfig, int, list[int]], Compressor], name: str):
+    """Builder of a dense method: FedAvg with ``compressor_for(config, n, layer sizes)``."""
+
+    def build(arch: models.Architecture, config: FedAvgConfig) -> FederatedAlgorithm:
+        model, sample_x = arch.build(masked=False), arch.sample_input()
+        segments = layer_sizes(model, sample_x)
+        return compressed_fedavg(model, sample_x, config, compressor_for(config, sum(segments), segments),
+                                 name=name)
+
+    return build
+
+
+def _spec(name: str, description: str, config: type, compressor_for) -> MethodSpec:
+    return MethodSpec(name, description, config, _dense(compressor_for, name), masked=False)
+
+
+SPECS = (
+    _spec("fedavg", "FedAvg: the model update as 32-bit floats", FedAvgConfig,
+          lambda c, n, seg: C.identity()),
+    _spec("signsgd", "SignSGD, majority vote: sign of the update (1 bit per parameter)", SignSGDConfig,
+          lambda c, n, seg: C.sign()),
+    _spec("ef_signsgd", "EF-SignSGD: per-layer scaled signs with error feedback", FedAvgConfig,
+          lambda c, n, seg: C.error_feedback(C.scaled_sign(seg))),
+    _spec("topk", "Top-k with error feedback: k values and their positions", TopKConfig,
+          lambda c, n, seg: C.error_feedback(C.top_k(c.topk_fraction, n))),
+    _spec("qsgd", "QSGD: s-level stochastic quantisation per bucket, Elias-coded", QSGDConfig,
+          lambda c, n, seg: C.qsgd(c.qsgd_levels, c.qsgd_bucket, n)),
+    _spec("terngrad", "TernGrad: per-layer scaled ternary update (2 bits per parameter)", FedAvgConfig,
+          lambda c, n, seg: C.terngrad(seg)),
+    _spec("drive", "DRIVE: signs after a random Hadamard rotation, one scale per chunk", DriveConfig,
+          lambda c, n, seg: C.drive(c.drive_chunk, n)),
+)

@@ -11,47 +11,74 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmask_jax import masking
-from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, PyTree
-from fedmask_jax.models import count_entries
+from fedmask_jax import coding, masking, models
+from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree
+from fedmask_jax.config import check, setting
+
+
+DOWNLINKS = ("float32", "quantized", "sampled_mask")
+EXPORT_MASKS = ("auto", "sampled", "thresholded", "none")
+
+
+def _verify_count(value: str) -> str | None:
+    if value == "all" or (value.isdigit() and int(value) >= 0):
+        return None
+    return f"must be a number of clients (0, 1, 2, ...) or 'all', got {value!r}"
 
 
 @dataclasses.dataclass(frozen=True)
 class FedPMConfig:
-    client_lr: float = 0.1
-    epsilon: float = 0.01  # mask smoothing before aggregation
-    lambda0: float = 1.0  # Beta prior alpha = beta = lambda0
-    prior_reset_period: int = 1  # reset the prior every this many rounds (1 = reference)
-    persistent_optimizer: bool = False  # keep each client's Adam state across its rounds
-    downlink: str = "float32"  # float32 | quantized | sampled_mask: what the server broadcasts
-    downlink_bits: int = 4  # for downlink="quantized": theta_g on 2**bits levels
+    """FedPM's (and FedMask's) settings; defaults follow the authors' code."""
+
+    client_lr: float = setting(0.1, "Client learning rate (mask methods: Adam on the scores; dense "
+                               "methods: --client_optimizer).",
+                               min=0, min_open=True)
+    epsilon: float = setting(0.01, "Uplink mask smoothing 0 -> eps, 1 -> 1 - eps before aggregation.",
+                             min=0, max=0.5, min_open=True, max_open=True)
+    lambda0: float = setting(1.0, "Server Beta prior alpha = beta = lambda0 (>= 1: the mode needs it).",
+                             min=1.0)
+    prior_reset_period: int = setting(1, "Reset the server's Beta prior every this many rounds "
+                                      "(1 = every round, the reference).", min=1)
+    persistent_client_optimizer: bool = setting(
+        False, "Keep each client's Adam state across the rounds it joins (a reference quirk).")
+    downlink: str = setting("float32", "Server broadcast: float32 scores (32 bpp), theta_g quantised "
+                            "to --downlink_bits, or one sampled mask.", choices=DOWNLINKS)
+    downlink_bits: int = setting(4, "Bits per entry for --downlink=quantized.", min=1, max=16)
+    weight_init: str = setting("signed_constant", "Frozen weights: +-e*sqrt(1/fan_in) (reference) "
+                               "or +-sqrt(2/fan_in).", choices=models.WEIGHT_INITS)
+    mask_gradient: str = setting("reference", "Surrogate gradient through the mask sample: "
+                                 "theta*g (reference) or straight-through.", choices=masking.GRADIENTS)
+    coded_uplink: bool = setting(
+        True, "Range-code uplink masks for real (constriction) on the host, off the critical "
+        "path, to verify the exact code lengths the round computes on the device.")
+    verify_coded_clients: str = setting(
+        "10", "With --coded_uplink: clients per round whose masks are range-coded, decoded and "
+        "checked (a number, or 'all').", check=_verify_count)
+    export_mask: str = setting("auto", "The final model file <workdir>/model.fmjx: one mask sampled "
+                               "from theta_g, or 1[theta_g > 0.5], or none (auto: sampled for "
+                               "fedpm, thresholded for fedmask).", choices=EXPORT_MASKS)
     # FedMask-style: train and send the deterministic mask 1[s > 0] instead of a sample.
-    deterministic: bool = False
+    deterministic: bool = setting(False, "Send 1[s > 0] instead of a sample.", flag=False)
 
     def __post_init__(self):
-        if self.downlink not in DOWNLINKS:
-            raise ValueError(f"--downlink={self.downlink!r} is unknown; allowed: {', '.join(DOWNLINKS)}")
-        if not 1 <= self.downlink_bits <= 16:
-            raise ValueError(f"--downlink_bits must be in 1..16, got {self.downlink_bits}")
-        if not 0.0 < self.epsilon < 0.5:
-            raise ValueError(f"--epsilon must be in (0, 0.5), got {self.epsilon}")
-        if self.lambda0 < 1.0:
-            raise ValueError(f"--lambda0 must be >= 1 (the Beta mode needs it), got {self.lambda0}")
-        if self.prior_reset_period < 1:
-            raise ValueError(
-                f"--prior_reset_period must be >= 1, got {self.prior_reset_period}"
-            )
-        if self.client_lr <= 0:
-            raise ValueError(f"--client_lr must be > 0, got {self.client_lr}")
+        check(self)
+
+    def verified_clients(self, cohort_size: int) -> int:
+        """How many clients' masks are range-coded and checked each round."""
+        if not self.coded_uplink:
+            return 0
+        if self.verify_coded_clients == "all":
+            return cohort_size
+        return min(int(self.verify_coded_clients), cohort_size)
 
 
-DOWNLINKS = ("float32", "quantized", "sampled_mask")
 
 
 class FedPMServerState(NamedTuple):
@@ -72,11 +99,6 @@ def init_model_variables(model: nn.Module, sample_x: jax.Array, key: jax.Array) 
     """Scores and frozen weights from one key -- how a saved model rebuilds its weights."""
     k_scores, k_frozen, k_mask = jax.random.split(key, 3)
     return model.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, sample_x)
-
-
-def server_key(seed: int) -> jax.Array:
-    """The key ``server_init`` gets in a run with this seed."""
-    return jax.random.fold_in(jax.random.key(seed), 0)
 
 
 def fedmask(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> FederatedAlgorithm:
@@ -102,7 +124,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
         return init_model_variables(model, sample_x, key)
 
     shapes = jax.eval_shape(init_variables, jax.random.key(0))
-    num_params = count_entries(shapes["params"])
+    num_params = models.count_entries(shapes["params"])
 
     def server_init(key):
         variables = init_variables(key)
@@ -115,13 +137,13 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
         )
 
     def persistent_init():
-        if not config.persistent_optimizer:
+        if not config.persistent_client_optimizer:
             return ()
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"])
         return optimizer.init(zeros)
 
     def client_init(server, persistent):
-        opt_state = persistent if config.persistent_optimizer else optimizer.init(server.scores)
+        opt_state = persistent if config.persistent_client_optimizer else optimizer.init(server.scores)
         return FedPMClientState(server.scores, opt_state)
 
     def loss_fn(scores, frozen, batch: Batch, key):
@@ -143,14 +165,21 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
             masks = [jax.random.bernoulli(k, jax.nn.sigmoid(s)).astype(jnp.float32)
                      for k, s in zip(keys, leaves)]
         ones = sum(jnp.sum(m) for m in masks)
+        broadcast = jax.tree.leaves(server.scores)
         metrics = {
-            "uplink_bits": masking.mask_bits(ones, num_params),
+            "uplink_bpp": masking.mask_bits(ones, num_params) / num_params,
             "mask_density": ones / num_params,
+            # Exact code lengths of the two range codes (coding.py), per entry.
+            "uplink_bpp_coded_prior": sum(
+                coded_bits_prior(m, s) for m, s in zip(masks, broadcast)) / num_params,
+            "uplink_bpp_coded_global": coded_bits_global(ones, num_params) / num_params,
+            "downlink_bpp": downlink_bits(server.scores) / num_params,
         }
-        kept = state.opt_state if config.persistent_optimizer else persistent
+        kept = state.opt_state if config.persistent_client_optimizer else persistent
         return ClientResult(jax.tree.unflatten(treedef, masks), kept, metrics)
 
     def server_update(server: FedPMServerState, mask_counts, num_clients):
+        chex.assert_trees_all_equal_shapes_and_dtypes(mask_counts, server.scores)
         k = num_clients.astype(jnp.float32)
         reset = server.round % config.prior_reset_period == 0
         prior = lambda p: jnp.where(reset, config.lambda0, p)  # noqa: E731
@@ -193,9 +222,20 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
             "test_accuracy_thresholded": hit(logits_thr),
         }
 
+    def downlink_bits(scores):
+        """Bits of the broadcast these scores came from: 32 per entry for float scores, B for
+        B-bit theta_g, the ideal size of the server-sampled mask."""
+        if config.downlink == "quantized":
+            return jnp.float32(config.downlink_bits * num_params)
+        if config.downlink == "sampled_mask":
+            ones = sum(jnp.sum(jax.nn.sigmoid(s) > 0.5) for s in jax.tree.leaves(scores)).astype(jnp.float32)
+            return masking.mask_bits(ones, num_params)
+        return jnp.float32(32 * num_params)
+
     def uplink_payload(mask_tree):
         """The client's binary mask, flattened and bit-packed (1 bit per entry)."""
         flat = jnp.concatenate([m.ravel() for m in jax.tree.leaves(mask_tree)])
+        chex.assert_shape(flat, (num_params,))
         return jnp.packbits(flat.astype(jnp.uint8))
 
     return FederatedAlgorithm(
@@ -206,15 +246,23 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
     )
 
 
-def downlink_bits_per_param(config: FedPMConfig, broadcast_theta_flat: np.ndarray) -> float:
-    """Bits per entry of one broadcast: 32 for float scores, B for B-bit theta, or the ideal
-    size of the server-sampled mask."""
-    if config.downlink == "quantized":
-        return float(config.downlink_bits)
-    if config.downlink == "sampled_mask":
-        n = broadcast_theta_flat.size
-        return float(masking.mask_bits(jnp.float32((broadcast_theta_flat > 0.5).sum()), n)) / n
-    return 32.0
+def coded_bits_prior(mask: jax.Array, scores: jax.Array) -> jax.Array:
+    """-sum log2 p(m_i | theta_i), theta = sigmoid(scores): the length of the range code with
+    the broadcast as per-entry probability, as ``coding.encode(mask, theta)`` models it
+    (probabilities clipped to [P_MIN, 1 - P_MIN] as there).
+
+    1 - theta is exact in float32 for theta >= 1/2, so both tails keep their precision.
+    """
+    theta = jax.nn.sigmoid(scores)
+    p = jnp.where(mask > 0, theta, 1.0 - theta)
+    return -jnp.sum(jnp.log2(jnp.maximum(p, coding.P_MIN)))
+
+
+def coded_bits_global(ones: jax.Array, n: int) -> jax.Array:
+    """Length of the global code: a 32-bit count of ones, then every entry coded with the
+    mask's own frequency f = ones / n (``coding.encode_global``)."""
+    f = jnp.clip(ones / n, coding.P_MIN, 1.0 - coding.P_MIN)
+    return coding.COUNT_BITS - ones * jnp.log2(f) - (n - ones) * jnp.log2(1.0 - f)
 
 
 def flat(tree: PyTree) -> np.ndarray:
@@ -235,3 +283,23 @@ def unflat(vector: np.ndarray, like: PyTree) -> PyTree:
 def theta(server: FedPMServerState) -> PyTree:
     """The global keep-probabilities sigmoid(scores)."""
     return jax.tree.map(jax.nn.sigmoid, server.scores)
+
+
+def _masked_model(arch: models.Architecture, config: FedPMConfig) -> nn.Module:
+    return arch.build(masked=True, weight_init=config.weight_init, mask_gradient=config.mask_gradient)
+
+
+def _host_hooks(ctx):
+    from fedmask_jax.algorithms import fedpm_host  # host-only: range coding, model files
+
+    return fedpm_host.hooks(ctx)
+
+
+SPECS = (
+    MethodSpec("fedpm", "FedPM: one sampled binary mask (< 1 bit per parameter after entropy coding)",
+               FedPMConfig, lambda arch, cfg: fedpm(_masked_model(arch, cfg), arch.sample_input(), cfg),
+               masked=True, host_hooks=_host_hooks),
+    MethodSpec("fedmask", "FedMask-style: the deterministic mask 1[sigmoid(s) > 0.5]",
+               FedPMConfig, lambda arch, cfg: fedmask(_masked_model(arch, cfg), arch.sample_input(), cfg),
+               masked=True, host_hooks=_host_hooks),
+)

@@ -1,0 +1,153 @@
+"""FedPM's work on the host: real range coding that checks the device's code lengths, and
+the final model file.
+
+The round computes every client's exact code lengths on the device
+(``fedpm.coded_bits_prior`` / ``coded_bits_global``) and aggregates the device sums. Real
+range coding is the check that those figures and messages are right: each round a fixed
+number of clients' masks (``--verify_coded_clients``) are collected from the round, coded with
+``constriction``, decoded and compared, in a background thread that overlaps the next round.
+A decoded mask that differs, a measured size more than 0.1 % (plus the coder's 64-bit flush)
+above its ideal, or a device figure that disagrees with the host's stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmask_jax import coding, keys, masking
+from fedmask_jax import export as export_lib
+from fedmask_jax.algorithms import fedpm as fedpm_lib
+from fedmask_jax.algorithms.base import HostContext, HostHook, RunFault
+
+# A measured code may exceed its ideal length by this fraction, plus the two 32-bit words a
+# range coder needs to flush its state.
+CODING_SLACK = 1e-3
+CODING_FLUSH_BITS = 64
+# The device's float32 code lengths agree with the host's float64 ones to this fraction.
+DEVICE_AGREEMENT = 1e-4
+
+
+def hooks(ctx: HostContext) -> list[HostHook]:
+    out: list[HostHook] = []
+    count = ctx.config.verified_clients(ctx.clients_per_round)
+    if count:
+        out.append(UplinkCodingCheck(ctx, count))
+    out.append(FinalModel(ctx))
+    return out
+
+
+def _flat_theta(server) -> jax.Array:
+    return jnp.concatenate([jax.nn.sigmoid(s).ravel() for s in jax.tree.leaves(server.scores)])
+
+
+class UplinkCodingCheck(HostHook):
+    """Range-codes, decodes and checks ``count`` collected masks per round, off the critical
+    path; records their measured sizes beside the device's ideal ones."""
+
+    def __init__(self, ctx: HostContext, count: int):
+        coding.encode(np.zeros(8, np.uint8), 0.5)  # constriction is importable: fail now, not later
+        self.collect = count
+        self.n = ctx.algorithm.num_params
+        self.k = ctx.clients_per_round
+        self._theta = jax.jit(_flat_theta)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedpm-coding-check")
+
+    def header(self) -> str:
+        return (f"uplink coding check: {self.collect} of {self.k} clients' masks per round range-coded, "
+                "decoded and compared with the device's code lengths (in the background)")
+
+    def before_round(self, round_index, server):
+        return self._theta(server)  # what this round's clients receive, before it is donated
+
+    def after_round(self, round_index, output, theta) -> Future:
+        collected = output.collected
+        return self._pool.submit(self._check, round_index + 1, theta, collected.payload,
+                                 collected.metrics["uplink_bpp_coded_prior"],
+                                 collected.metrics["uplink_bpp_coded_global"])
+
+    def _check(self, round_number, theta, payload, device_prior, device_global) -> dict:
+        n = self.n
+        theta, payload = np.asarray(theta, np.float64), np.asarray(payload)
+        device = {"prior": np.asarray(device_prior, np.float64) * n,
+                  "global": np.asarray(device_global, np.float64) * n}
+        measured = {"prior": [], "global": []}
+        ideal_prior = []
+        for i, row in enumerate(payload):
+            mask = np.unpackbits(row)[:n]
+            words_prior = coding.encode(mask, theta)
+            ones, words_global = coding.encode_global(mask)
+            if not (np.array_equal(coding.decode(words_prior, theta, n), mask)
+                    and np.array_equal(coding.decode_global(ones, words_global, n), mask)):
+                raise RunFault(f"round {round_number}: a client's uplink mask did not survive range "
+                               "coding (decoded mask differs from the one sent)")
+            sizes = {"prior": coding.prior_bits(words_prior), "global": coding.global_bits(words_global)}
+            ideal = {"prior": coding.ideal_bits(mask, theta), "global": coding.ideal_global_bits(mask)}
+            for code in ("prior", "global"):
+                if abs(device[code][i] - ideal[code]) > DEVICE_AGREEMENT * ideal[code] + 1.0:
+                    raise RunFault(
+                        f"round {round_number}: the round's {code}-code length of a client's mask "
+                        f"({device[code][i]:.1f} bits) differs from the host's ({ideal[code]:.1f} bits)")
+                if sizes[code] > ideal[code] * (1 + CODING_SLACK) + CODING_FLUSH_BITS:
+                    raise RunFault(
+                        f"round {round_number}: the {code} range code of a client's mask took "
+                        f"{sizes[code]} bits, more than 0.1% above its ideal {ideal[code]:.1f}")
+                measured[code].append(sizes[code])
+            ideal_prior.append(ideal["prior"])
+        return {"verified_clients": len(payload),
+                "uplink_bpp_measured_prior": float(np.mean(measured["prior"])) / n,
+                "uplink_bpp_measured_global": float(np.mean(measured["global"])) / n,
+                # measured over ideal size of the sent (theta_g-coded) masks, minus one
+                "uplink_coding_overhead": float(np.sum(measured["prior"]) / np.sum(ideal_prior) - 1.0)}
+
+    def finish(self, server, history) -> dict:
+        return {"verified_clients_total": int(sum(history.values("verified_clients"))),
+                "max_uplink_coding_overhead": max(history.values("uplink_coding_overhead"), default=None)}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class FinalModel(HostHook):
+    """At the end: the ideal size of the final model's mask, and the model file (seed +
+    architecture + one range-coded mask) in the workdir."""
+
+    def __init__(self, ctx: HostContext):
+        self.ctx = ctx
+        cfg = ctx.config
+        self.kind = ("thresholded" if cfg.deterministic else "sampled") \
+            if cfg.export_mask == "auto" else cfg.export_mask
+
+    def finish(self, server, history) -> dict:
+        ctx = self.ctx
+        n = ctx.algorithm.num_params
+        theta = jax.tree.leaves(fedpm_lib.theta(server))
+        key = keys.stream(ctx.seed, keys.FINAL_MODEL_SIZE)
+        sampled = sum(float(jnp.sum(jax.random.bernoulli(jax.random.fold_in(key, i), t)))
+                      for i, t in enumerate(theta))
+        thresholded = sum(float(jnp.sum(t > 0.5)) for t in theta)
+        bits = lambda ones: float(masking.mask_bits(jnp.float32(ones), n)) / n  # noqa: E731
+        out = {"final_model_bpp": bits(sampled), "final_model_bpp_thresholded": bits(thresholded)}
+        if self.kind != "none" and ctx.workdir is not None:
+            out.update(self._export(np.concatenate([np.asarray(t).ravel() for t in theta])))
+        return out
+
+    def _export(self, theta: np.ndarray) -> dict:
+        ctx, arch = self.ctx, self.ctx.architecture
+        if self.kind == "thresholded":
+            mask = (theta > 0.5).astype(np.uint8)
+        else:
+            key = keys.stream(ctx.seed, keys.FINAL_MODEL_FILE)
+            mask = np.asarray(jax.random.bernoulli(key, jnp.asarray(theta))).astype(np.uint8)
+        architecture = {"name": arch.name, "num_classes": arch.num_classes, "width": arch.width,
+                        "mlp_hidden": list(arch.mlp_hidden), "weight_init": ctx.config.weight_init,
+                        "mask_gradient": ctx.config.mask_gradient}
+        path = os.path.join(ctx.workdir, "model.fmjx")
+        size = export_lib.export_model(path, architecture=architecture, input_shape=arch.input_shape,
+                                       seed=ctx.seed, mask_flat=mask, mask_kind=self.kind)
+        return {"final_model_file": path, "final_model_file_bytes": size,
+                "final_model_file_bpp": 8.0 * size / ctx.algorithm.num_params}

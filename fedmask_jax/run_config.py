@@ -1,0 +1,118 @@
+"""What defines a run: ``RunConfig`` (the run's own settings) plus the chosen method's config.
+
+The run's settings are fields here; each method's hyperparameters are fields of its own
+config dataclass (``MethodSpec.config``), given to a run as ``RunConfig.method`` -- only the
+ones set explicitly; the rest take the method's defaults. ``define_flags`` and
+``config_from_flags`` turn both into absl flags and back, so a flag, its help, its default
+and its checks are written once, where the setting lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from fedmask_jax import config as config_lib
+from fedmask_jax import engine, models
+from fedmask_jax.algorithms import registry
+from fedmask_jax.config import setting
+from fedmask_jax.data import DATASETS, SPLITS
+
+# Settings that do not change what a run computes: a resumed run may differ in them.
+RESUME_NEUTRAL = ("resume", "allow_config_change", "verbose", "checkpoint_every", "tensorboard")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; ``experiments.run``'s flags map onto it."""
+
+    dataset: str = setting("fashion_mnist", "Dataset.", choices=DATASETS)
+    model: str = setting("mlp", "Architecture.", choices=models.MODELS)
+    width: float = setting(1.0, "Width multiplier for every layer.", min=0, min_open=True)
+    mlp_hidden: tuple[int, ...] = setting((300, 100), "Hidden sizes of the MLP.", min=1)
+    algorithm: str = setting("fedpm", "Federated method: " + "; ".join(
+        f"{name} = {s.description}" for name, s in registry.METHODS.items()) + ".",
+        choices=tuple(registry.METHODS))
+    num_clients: int = setting(10, "Population size N.", min=1)
+    clients_per_round: int = setting(10, "Cohort size K (<= N), sampled uniformly without "
+                                     "replacement, keyed by (seed, round).", min=1)
+    rounds: int = setting(10, "Number of rounds.", min=1)
+    local_epochs: int = setting(3, "Local epochs per round.", min=1)
+    batch_size: int = setting(128, "Local mini-batch size.", min=1)
+    validation_fraction: float = setting(
+        0.0, "Hold out this fraction of the training set and evaluate on it instead of the test "
+        "set (for tuning; 0 = test set).", min=0, max=1, max_open=True)
+    split: str = setting("iid", "iid | noniid (reference: consecutive classes) | dirichlet.",
+                         choices=SPLITS)
+    classes_per_client: int = setting(2, "For --split=noniid.", min=1)
+    dirichlet_alpha: float = setting(0.5, "For --split=dirichlet.", min=0, min_open=True)
+    max_examples_per_client: int = setting(0, "Cap on each client's examples (0 = no cap).", min=0)
+    seed: int = setting(0, "Seed of frozen weights, partition, cohorts and masks.", min=0)
+    workdir: str = setting("runs/default", "Where metrics.jsonl, summary.json and the rest go.")
+    eval_every: int = setting(1, "Evaluate every this many rounds (and at the last).", min=1)
+    eval_batch_size: int = setting(128, "Test batch size; one fresh mask per test batch.", min=1)
+    client_chunk_size: int = setting(0, "Clients trained at once under vmap (0 = chosen per "
+                                     "backend).", min=0)
+    strategy: str = setting("auto", "Round execution: scan (one program) or host_loop (jitted "
+                            "steps driven from Python; fast for convs on XLA:CPU); auto picks "
+                            "per backend and model.", choices=("auto", *engine.STRATEGIES))
+    cpu_ynn_fusions: bool = setting(False, "On CPU, keep XLA's YNNPACK fusions (jaxlib's default); "
+                                    "off because its convolutions are slower here "
+                                    "(docs/benchmarks.md).")
+    num_devices: int = setting(0, "Devices on the 'clients' mesh axis (0 = all local devices).", min=0)
+    tensorboard: bool = setting(True, "Write TensorBoard scalars to <workdir>/tensorboard.")
+    checkpoint_every: int = setting(0, "Save a checkpoint every N rounds in <workdir>/checkpoints "
+                                    "(0 = never).", min=0)
+    resume: bool = setting(False, "Continue the run in --workdir from its latest checkpoint.")
+    allow_config_change: bool = setting(False, "With --resume: continue even if the settings "
+                                        "differ from the workdir's config.json.")
+    data_dir: str | None = setting(None, "TFDS data folder (default ~/tensorflow_datasets).")
+    archive_dir: str | None = setting(None, "Folder holding the original dataset archives.")
+    download: bool = setting(True, "Download missing archives when online.")
+    verbose: bool = setting(True, "Print progress.", flag=False)
+    # The chosen method's settings that differ from its defaults (flag name -> value).
+    method: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        config_lib.check(self)
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"--clients_per_round must be between 1 and --num_clients={self.num_clients}, "
+                             f"got {self.clients_per_round}")
+        self.method_config  # raises on a setting the method lacks or a bad value
+
+    @property
+    def method_config(self):
+        """The chosen method's config: its defaults, overridden by ``method``."""
+        return registry.method_config(self.algorithm, **dict(self.method))
+
+    def record(self) -> dict:
+        """Every resolved setting, the method's included, as plain JSON values."""
+        out = dataclasses.asdict(self)
+        out["method"] = dataclasses.asdict(self.method_config)
+        return out
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def define_flags(flag_values) -> None:
+    """The run's settings and every method's hyperparameters as absl flags."""
+    config_lib.define_flags([("run", RunConfig)], flag_values)
+    config_lib.define_flags([(name, s.config) for name, s in registry.METHODS.items()], flag_values,
+                            per_owner_defaults=True)
+
+
+def config_from_flags(flag_values) -> RunConfig:
+    """The ``RunConfig`` the parsed flags describe. A method flag given explicitly that the
+    chosen method does not have is an error (not silently ignored)."""
+    run = {f.name: config_lib.from_flag(RunConfig, f.name, flag_values[f.name].value)
+           for f in config_lib.flag_fields(RunConfig)}
+    spec = registry.spec(run["algorithm"])
+    given = {name for name in registry.method_flag_names() - {"algorithm"}
+             if flag_values[name].present}
+    method = {}
+    for name in sorted(given):
+        if name not in spec.config.__dataclass_fields__:
+            registry.method_config(spec.name, **{name: None})  # raises, naming the owners
+        method[name] = config_lib.from_flag(spec.config, name, flag_values[name].value)
+    return RunConfig(**run, method=method)
