@@ -119,50 +119,49 @@ def rate(times: list[float]) -> float:
     return 1.0 / float(np.median(times))
 
 
+def case_config(spec: dict, batch_size: int):
+    """The run a case times: Fashion-MNIST, the case's model, width and cohort, FedPM with the
+    reference's settings, engine only (no host-side coding check)."""
+    from fedmask_jax.run_config import RunConfig
+
+    return RunConfig(dataset="fashion_mnist", model=spec["model"], width=spec["width"],
+                     num_clients=spec["n"], clients_per_round=spec["k"], local_epochs=F.local_epochs,
+                     batch_size=batch_size, max_examples_per_client=F.examples_per_client,
+                     strategy=F.strategy, client_chunk_size=F.client_chunk_size,
+                     cpu_ynn_fusions=F.cpu_ynn_fusions, data_dir=F.data_dir, download=False,
+                     verbose=False, method={"coded_uplink": False})
+
+
 def run_case(case: str) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from fedmask_jax import engine, models
-    from fedmask_jax.algorithms import fedpm as fedpm_lib
+    from fedmask_jax import engine, experiment
     from fedmask_jax.data import load_dataset, partition
 
     spec = parse_case(case)
     ds = load_dataset("fashion_mnist", data_dir=F.data_dir, download=False)
-    parts = partition(ds.y_train, spec["n"], "iid", seed=0,
-                      max_examples_per_client=F.examples_per_client)
-    per_client = min(len(p) for p in parts)
+    sizes = [len(p) for p in partition(ds.y_train, spec["n"], "iid", seed=0,
+                                       max_examples_per_client=F.examples_per_client)]
+    per_client = min(sizes)
     batch = min(F.batch_size, per_client)
-    model = models.build_model(spec["model"], 10, width=spec["width"])
-    alg = fedpm_lib.fedpm(model, jnp.zeros((1, 28, 28, 1), jnp.uint8), fedpm_lib.FedPMConfig())
-    backend = jax.default_backend()
-    conv = models.is_conv(spec["model"])
-    strategy = F.strategy if F.strategy != "auto" else engine.auto_strategy(conv=conv, backend=backend)
-    chunk = F.client_chunk_size or engine.auto_chunk_size(spec["k"], alg.num_params, conv=conv,
-                                                          backend=backend)
-    cfg = engine.EngineConfig(batch, F.local_epochs, chunk, cpu_ynn_fusions=F.cpu_ynn_fusions)
-    round_fn = engine.make_round_fn(alg, cfg, strategy)
-    data = engine.client_data_from_partition(ds.x_train, ds.y_train, parts)
-    server = alg.server_init(jax.random.key(0))
-    store = engine.init_store(alg, spec["n"])
-
-    def cohort(r):
-        ids, valid = engine.pad_cohort(engine.sample_cohort(0, r, spec["n"], spec["k"]), chunk)
-        return jnp.asarray(ids), jnp.asarray(valid)
-
-    compile_s = round_fn.compile(server, store, data, *cohort(0), jax.random.key(0))
-    server, store, m = round_fn(server, store, data, *cohort(0), jax.random.key(0))  # warm-up
-    jax.block_until_ready(m)
-    state = [server, store]
+    exp = experiment.build(case_config(spec, batch), dataset=ds)
+    parts, backend = exp.partition, jax.default_backend()
+    server, store = exp.initial_state()
+    compile_s = exp.round_fn.compile(server, store, exp.data, exp.cohort(0), exp.round_key(0))
+    out = exp.round_fn(server, store, exp.data, exp.cohort(0), exp.round_key(0))  # warm-up
+    jax.block_until_ready(out.metrics)
+    state = [out.server, out.store]
 
     def jax_round(r):
-        state[0], state[1], m = round_fn(state[0], state[1], data, *cohort(r), jax.random.key(r))
-        jax.block_until_ready(m)
+        out = exp.round_fn(state[0], state[1], exp.data, exp.cohort(r), exp.round_key(r))
+        state[0], state[1] = out.server, out.store
+        jax.block_until_ready(out.metrics)
 
     examples_per_round = F.local_epochs * sum(len(parts[c]) for c in engine.sample_cohort(0, 1, spec["n"], spec["k"]))
-    flops_ex = train_flops_per_example(model, (28, 28, 1))
+    flops_ex = train_flops_per_example(exp.architecture.build(masked=True), exp.architecture.input_shape)
     jax_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rounds = {"jax": jax_round}
+    strategy, chunk, cfg = exp.strategy, exp.engine_config.client_chunk_size, exp.engine_config
 
     torch_device = None
     if F.torch and spec["k"] <= F.torch_max_clients:

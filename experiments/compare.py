@@ -21,9 +21,11 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import run as run_cli
+from experiments import run as run_cli  # noqa: F401 -- defines the run and method flags
 from experiments.launch import run_point
-from fedmask_jax.algorithms.registry import METHODS
+from fedmask_jax.algorithms.registry import METHODS, method_flag_names
+from fedmask_jax.config import flag_fields
+from fedmask_jax.run_config import RunConfig
 
 F = flags.FLAGS
 flags.DEFINE_list("methods", list(METHODS), "Methods to compare, in table order.")
@@ -33,13 +35,9 @@ flags.DEFINE_string("compare_dir", "runs/compare", "Folder for one workdir per m
 flags.DEFINE_float("target_accuracy", 0.8, "Accuracy for the rounds-to-target and MB-to-target columns.")
 flags.DEFINE_bool("report_only", False, "Only rebuild the table and plots from finished methods.")
 
-# What a method's flagfile may set: its own hyperparameters, never the shared setting.
-METHOD_FLAGS = frozenset({
-    "algorithm", "client_optimizer", "client_lr", "client_momentum", "server_optimizer",
-    "server_lr", "server_momentum", "topk_fraction", "qsgd_levels", "qsgd_bucket", "drive_chunk",
-    "epsilon", "lambda0", "prior_reset_period", "weight_init", "mask_gradient",
-    "persistent_client_optimizer", "downlink", "downlink_bits", "export_mask", "coded_uplink",
-})
+# What a method's flagfile may set: the methods' hyperparameters (each method's config
+# dataclass), never the shared setting.
+METHOD_FLAGS = frozenset(method_flag_names())
 _NOT_PASSED = {"workdir", "resume", "algorithm", "flagfile"}
 
 
@@ -62,6 +60,8 @@ def method_flagfile(method: str, folder: str) -> str:
             if name not in METHOD_FLAGS:
                 raise ValueError(f"{path}:{number}: --{name} is part of the shared setting, not a "
                                  f"method hyperparameter; set it in the comparison's flags")
+            if name != "algorithm" and name not in METHODS[method].config.__dataclass_fields__:
+                raise ValueError(f"{path}:{number}: --{name} is not a setting of {method}")
             if name == "algorithm":
                 algorithm = line.split("=", 1)[1].strip()
     if algorithm != method:
@@ -69,10 +69,13 @@ def method_flagfile(method: str, folder: str) -> str:
     return path
 
 
-def shared_setting() -> list[str]:
-    """The experiments.run flags given to this command, as arguments for each method's run."""
-    names = {f.name for f in F.get_flags_for_module(run_cli)} - _NOT_PASSED
-    return [F[name].serialize() for name in sorted(names) if F[name].present]
+def shared_setting(method: str) -> list[str]:
+    """The experiments.run flags given to this command, as arguments for ``method``'s run: the
+    run's settings, and the method settings given here that ``method`` has."""
+    names = ({f.name for f in flag_fields(RunConfig)} | METHOD_FLAGS) - _NOT_PASSED
+    own = {f.name for f in flag_fields(METHODS[method].config)}
+    return [F[name].serialize() for name in sorted(names)
+            if F[name].present and (name not in METHOD_FLAGS or name in own)]
 
 
 def report(methods: list[str], compare_dir: str, status: dict[str, str], target: float) -> list[dict]:
@@ -107,7 +110,6 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     os.makedirs(F.compare_dir, exist_ok=True)
-    setting = shared_setting()
     status = {}
     for method in F.methods:
         workdir = os.path.join(F.compare_dir, method)
@@ -116,8 +118,8 @@ def main(argv):
         if os.path.isfile(os.path.join(workdir, "summary.json")):
             print(f"compare: {method} already done", flush=True)
             continue
-        print(f"compare: running {method} ({METHODS[method]}) ...", flush=True)
-        rc = run_point({"algorithm": method}, workdir, [*setting, f"--flagfile={files[method]}"])
+        print(f"compare: running {method} ({METHODS[method].description}) ...", flush=True)
+        rc = run_point({"algorithm": method}, workdir, [*shared_setting(method), f"--flagfile={files[method]}"])
         status[method] = "done" if rc == 0 else f"failed (exit {rc}, see {workdir}/sweep_log.txt)"
         print(f"compare: {method} {status[method]}", flush=True)
     rows = report(F.methods, F.compare_dir, status, F.target_accuracy)

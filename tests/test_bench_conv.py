@@ -8,6 +8,8 @@ import pytest
 from experiments.bench_conv import winograd_conv3x3
 
 
+pytestmark = pytest.mark.slow  # subprocesses, CLIs or many devices
+
 @pytest.mark.parametrize("m", [2, 4])
 def test_winograd_matches_xla_conv_and_its_gradient(m):
     shape = (2, 7, 9, 4)  # odd sizes: the tiles overhang and are cropped

@@ -22,6 +22,7 @@ SETTING = ["--dataset=digits", "--model=mlp", "--mlp_hidden=32", "--num_clients=
            "--eval_every=1", "--notensorboard"]
 
 
+@pytest.mark.slow
 def test_compare_runs_methods_on_one_setting_and_writes_table_and_plots(tmp_path):
     out = str(tmp_path / "cmp")
     proc = _compare(*SETTING, "--methods=fedpm,fedavg,topk", f"--method_configs={METHODS_DIR}",
@@ -61,6 +62,7 @@ def test_compare_runs_methods_on_one_setting_and_writes_table_and_plots(tmp_path
     assert again.returncode == 0 and again.stdout.count("already done") == 3
 
 
+@pytest.mark.slow
 def test_a_method_flagfile_may_not_change_the_shared_setting(tmp_path):
     folder = tmp_path / "methods"
     folder.mkdir()
@@ -72,6 +74,10 @@ def test_a_method_flagfile_may_not_change_the_shared_setting(tmp_path):
     proc = _compare(*SETTING, "--methods=fedavg,nope", f"--method_configs={METHODS_DIR}",
                     f"--compare_dir={tmp_path / 'cmp'}")
     assert proc.returncode == 2 and "'nope' is unknown" in proc.stderr
+    (folder / "fedavg.flags").write_text("--algorithm=fedavg\n--topk_fraction=0.1\n")
+    proc = _compare(*SETTING, "--methods=fedavg", f"--method_configs={folder}",
+                    f"--compare_dir={tmp_path / 'cmp'}")
+    assert proc.returncode == 2 and "fedavg.flags:2: --topk_fraction is not a setting of fedavg" in proc.stderr
 
 
 def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
@@ -79,7 +85,6 @@ def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
 
     from experiments import compare, run as run_cli  # noqa: F401 -- defines the flags
     from fedmask_jax.algorithms.registry import METHODS
-    from fedmask_jax.simulation import validate
 
     setting = os.path.join(ROOT, "experiments", "configs", "fmnist_mlp_compare.flags")
     assert sorted(f[:-6] for f in os.listdir(METHODS_DIR)) == sorted(METHODS)
@@ -89,9 +94,8 @@ def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
         assert "tuned here" in text or "reference code" in text or "paper" in text, path
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["prog", f"--flagfile={setting}", f"--flagfile={path}"])
-        cfg = run_cli.config_from_flags()
+        cfg = run_cli.config_from_flags()  # builds and checks the RunConfig
         assert cfg.algorithm == method
-        validate(cfg)
     configs = os.path.join(ROOT, "experiments", "configs")
     shipped = sorted(f for f in os.listdir(configs) if f.startswith("compare") and f.endswith(".flags"))
     assert "compare_fmnist.flags" in shipped
@@ -101,5 +105,5 @@ def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
         assert flags.FLAGS.methods == list(METHODS)
         for method in flags.FLAGS.methods:
             compare.method_flagfile(method, os.path.join(ROOT, flags.FLAGS.method_configs))
-        validate(run_cli.config_from_flags())
+        run_cli.config_from_flags()
     flags.FLAGS.unparse_flags()

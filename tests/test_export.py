@@ -1,15 +1,13 @@
 import dataclasses
-import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmask_jax import export, models
+from fedmask_jax import export
 from fedmask_jax.algorithms import fedpm as fedpm_lib
-from fedmask_jax.simulation import RunConfig, Simulation
+from fedmask_jax.simulation import RunConfig, execute
 from tests.helpers import digits
 
 TINY = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=4,
@@ -19,35 +17,37 @@ TINY = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=4,
 @pytest.fixture(scope="module")
 def thresholded_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    sim = Simulation(dataclasses.replace(TINY, workdir=workdir, export_mask="thresholded"))
-    summary = sim.run()
-    return sim, summary
+    outcome = execute(dataclasses.replace(TINY, workdir=workdir, method={"export_mask": "thresholded"}))
+    return outcome, outcome.summary
 
 
+@pytest.mark.slow
 def test_round_trip_gives_identical_predictions(thresholded_run):
-    sim, summary = thresholded_run
+    outcome, summary = thresholded_run
+    server, n = outcome.state.server, outcome.experiment.algorithm.num_params
     loaded = export.load_model(summary["final_model_file"])
     ds = digits()
-    thr = sim.model.clone(mask_mode="threshold")
-    expected = thr.apply({"params": sim.server.scores, "frozen": sim.server.frozen},
-                         jnp.asarray(ds.x_test))
+    thr = outcome.experiment.architecture.build(masked=True).clone(mask_mode="threshold")
+    expected = thr.apply({"params": server.scores, "frozen": server.frozen}, jnp.asarray(ds.x_test))
     np.testing.assert_array_equal(loaded.predict(ds.x_test), np.argmax(expected, -1))
     np.testing.assert_allclose(loaded.logits(ds.x_test), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(loaded.mask_flat,
-                                  (fedpm_lib.flat(fedpm_lib.theta(sim.server)) > 0.5).astype(np.uint8))
+                                  (fedpm_lib.flat(fedpm_lib.theta(server)) > 0.5).astype(np.uint8))
     size = os.path.getsize(summary["final_model_file"])
-    assert summary["final_model_file_bpp"] == pytest.approx(8 * size / sim.algorithm.num_params)
+    assert summary["final_model_file_bpp"] == pytest.approx(8 * size / n)
     # The coded mask is under one bit per entry; the JSON header is a fixed few hundred bytes.
-    assert 32 * loaded.header["num_words"] / sim.algorithm.num_params <= 1.0 + 64 / sim.algorithm.num_params
+    assert 32 * loaded.header["num_words"] / n <= 1.0 + 64 / n
 
 
+@pytest.mark.slow
 def test_sampled_mask_export_is_a_valid_model(tmp_path):
-    summary = Simulation(dataclasses.replace(TINY, workdir=str(tmp_path))).run()
+    summary = execute(dataclasses.replace(TINY, workdir=str(tmp_path))).summary
     loaded = export.load_model(summary["final_model_file"])
     assert loaded.header["mask_kind"] == "sampled"
     assert loaded.predict(digits().x_test[:5]).shape == (5,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "flip", "magic", "empty"])
 def test_damaged_file_fails_clearly(thresholded_run, tmp_path, damage):
     _, summary = thresholded_run

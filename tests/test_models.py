@@ -26,7 +26,7 @@ def test_mask_entry_counts_match_design(name, shape, classes, entries):
 def test_emnist_balanced_has_47_outputs_and_width_scales():
     model = models.build_model("conv4", 47, width=0.5)
     x = jnp.zeros((2, 28, 28, 1), jnp.uint8)
-    v = model.init(RNGS, x)
+    v = jax.jit(model.init)(RNGS, x)
     assert model.apply(v, x, rngs={"mask": jax.random.key(3)}).shape == (2, 47)
     assert v["params"]["MaskedConv_0"]["kernel"].shape == (3, 3, 1, 32)
 
@@ -37,7 +37,7 @@ def test_emnist_balanced_has_47_outputs_and_width_scales():
 ])
 def test_frozen_weights_are_signed_constants(scheme, scale):
     model = models.build_model("conv4", 10, weight_init=scheme)
-    v = model.init(RNGS, jnp.zeros((1, 28, 28, 1), jnp.uint8))
+    v = jax.jit(model.init)(RNGS, jnp.zeros((1, 28, 28, 1), jnp.uint8))
     conv = v["frozen"]["MaskedConv_1"]  # 3x3x64 -> 64: fan_in 576
     c = scale(576)
     for leaf in (conv["kernel"], conv["bias"]):
@@ -50,8 +50,9 @@ def test_frozen_weights_are_signed_constants(scheme, scale):
 def test_frozen_weights_reproducible_from_seed():
     model = models.build_model("mlp", 10)
     x = jnp.zeros((1, 8, 8, 1), jnp.uint8)
-    a = model.init(RNGS, x)["frozen"]
-    b = model.init(dict(RNGS, params=jax.random.key(9)), x)["frozen"]
+    init = jax.jit(model.init)
+    a = init(RNGS, x)["frozen"]
+    b = init(dict(RNGS, params=jax.random.key(9)), x)["frozen"]
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -71,7 +72,7 @@ def test_dense_twins_have_as_many_weights_as_the_masked_model_has_entries(name, 
 
 def test_dense_twin_has_trainable_weights_only():
     model = models.build_model("conv4", 10, masked=False)
-    v = model.init(RNGS, jnp.zeros((1, 28, 28, 1), jnp.uint8))
+    v = jax.jit(model.init)(RNGS, jnp.zeros((1, 28, 28, 1), jnp.uint8))
     assert "frozen" not in v
     assert models.count_entries(v["params"]) == 1_933_258
 
@@ -79,7 +80,7 @@ def test_dense_twin_has_trainable_weights_only():
 def test_threshold_mode_is_deterministic():
     model = models.build_model("mlp", 10).clone(mask_mode="threshold")
     x = jnp.ones((3, 8, 8, 1), jnp.uint8)
-    v = model.init(RNGS, x)
+    v = jax.jit(model.init)(RNGS, x)
     np.testing.assert_array_equal(model.apply(v, x), model.apply(v, x))
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fedmask_jax.simulation import RunConfig, Simulation, run
+from fedmask_jax.simulation import RunConfig, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--dataset=digits", "--model=mlp", "--mlp_hidden=16", "--num_clients=4",
@@ -37,6 +37,7 @@ def _steps(workdir):
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
     proc = _cli(*FLAGS, f"--workdir={killed}")
@@ -64,37 +65,40 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert sa["mean_uplink_bpp_coded_prior"] == sb["mean_uplink_bpp_coded_prior"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_different_flags_unless_told(tmp_path):
     cfg = RunConfig(dataset="digits", model="mlp", mlp_hidden=(16,), num_clients=4,
                     clients_per_round=2, rounds=2, local_epochs=1, batch_size=32,
                     checkpoint_every=1, verbose=False, workdir=str(tmp_path))
     run(cfg)
-    changed = dataclasses.replace(cfg, client_lr=0.05, resume=True, rounds=3)
+    changed = dataclasses.replace(cfg, method={"client_lr": 0.05}, resume=True, rounds=3)
     with pytest.raises(ValueError, match=r"--client_lr was 0\.1, now 0\.05"):
-        Simulation(changed).run()
-    summary = Simulation(dataclasses.replace(changed, allow_config_change=True)).run()
+        run(changed)
+    summary = run(dataclasses.replace(changed, allow_config_change=True))
     assert summary["rounds"] == 3
     assert [json.loads(l)["round"] for l in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_metrics_log_drops_records_after_the_checkpoint_and_a_torn_line(tmp_path):
-    from fedmask_jax.outputs import MetricsLog
+    from fedmask_jax.sinks import MetricsJsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"round": 1}\n{"round": 2}\n{"round": 3}\n{"round": 4, "test_acc')
-    log = MetricsLog(str(path), keep_until=2)
-    log.write({"round": 3, "x": 1})
-    log.close()
+    log = MetricsJsonl(str(path), keep_until=2)
+    log.round({"round": 3, "x": 1}, evaluated=True)
+    log.round({"round": 4, "x": 2}, evaluated=False)  # only evaluated rounds are written
+    log.close(None)
     assert [json.loads(l) for l in path.read_text().splitlines()] == [
         {"round": 1}, {"round": 2}, {"round": 3, "x": 1}]
 
 
+@pytest.mark.slow
 def test_dense_method_with_client_memory_and_server_adam_resumes_exactly(tmp_path):
     """Top-k's per-client error memory and the server's Adam moments survive a checkpoint."""
     cfg = RunConfig(dataset="digits", model="mlp", mlp_hidden=(16,), num_clients=4,
                     clients_per_round=2, rounds=4, local_epochs=1, batch_size=32,
-                    algorithm="topk", topk_fraction=0.05, server_optimizer="adam",
-                    server_lr=0.01, checkpoint_every=2, verbose=False, tensorboard=False)
+                    algorithm="topk", checkpoint_every=2, verbose=False, tensorboard=False,
+                    method={"topk_fraction": 0.05, "server_optimizer": "adam", "server_lr": 0.01})
     clean = run(dataclasses.replace(cfg, workdir=str(tmp_path / "clean")))
     half = str(tmp_path / "half")
     run(dataclasses.replace(cfg, workdir=half, rounds=2))

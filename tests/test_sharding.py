@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, CLIs or many devices
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
@@ -14,11 +18,12 @@ assert len(jax.devices()) == 8, jax.devices()
 from fedmask_jax.simulation import RunConfig, run
 base = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=12,
                  clients_per_round=7, rounds=3, local_epochs=1, batch_size=32, verbose=False,
-                 persistent_client_optimizer=True, client_chunk_size=1)
+                 client_chunk_size=1,
+                 method={"persistent_client_optimizer": True, "verify_coded_clients": "3"})
 out = {}
 for nd in (1, 8):
     s = run(dataclasses.replace(base, num_devices=nd, workdir=sys.argv[1] + f"/d{nd}"))
-    assert s["num_devices"] == nd
+    assert s["num_devices"] == nd and s["verified_clients_total"] == 9
     out[nd] = [json.loads(l) for l in open(sys.argv[1] + f"/d{nd}/metrics.jsonl")]
 print("RESULT " + json.dumps(out))
 """
@@ -34,6 +39,7 @@ def test_eight_devices_match_one(tmp_path):
     one, eight = out["1"], out["8"]
     assert len(one) == len(eight) == 3
     for a, b in zip(one, eight):
+        assert a["verified_clients"] == b["verified_clients"] == 3
         for key in ("test_accuracy", "test_accuracy_thresholded", "test_loss", "uplink_bpp",
-                    "mask_density", "train_loss"):
+                    "mask_density", "train_loss", "uplink_bpp_coded_prior", "uplink_bpp_measured_prior"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
