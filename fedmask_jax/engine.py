@@ -120,8 +120,17 @@ def client_data_from_partition(x: np.ndarray, y: np.ndarray, partition: list[np.
     index = np.zeros((len(partition), int(sizes.max())), np.int32)
     for c, p in enumerate(partition):
         index[c, : len(p)] = p
-    chex.assert_equal(len(x), len(y))
-    return ClientData(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(index), jnp.asarray(sizes))
+    data = ClientData(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(index), jnp.asarray(sizes))
+    check_client_data(data)
+    return data
+
+
+def check_client_data(data: ClientData) -> None:
+    """The invariants every round relies on (shapes and dtypes; static, so free under jit)."""
+    chex.assert_rank([data.y, data.index, data.sizes], [1, 2, 1])
+    chex.assert_equal(data.x.shape[0], data.y.shape[0])
+    chex.assert_equal(data.index.shape[0], data.sizes.shape[0])
+    chex.assert_type([data.y, data.index, data.sizes], jnp.int32)
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
@@ -316,8 +325,8 @@ class Loop:
 def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, cohort: Cohort, key):
     """The round, once: chunks of clients, their epochs and steps, then the server update."""
     chex.assert_equal_shape([cohort.ids, cohort.valid, cohort.collect])
-    chex.assert_rank([cohort.ids, data.sizes], 1)
-    chex.assert_rank(data.index, 2)
+    chex.assert_rank(cohort.ids, 1)
+    check_client_data(data)
     if cohort.ids.shape[0] % st.chunk:
         raise ValueError(f"the cohort ({cohort.ids.shape[0]}) is not padded to a multiple of "
                          f"the client chunk ({st.chunk})")
