@@ -88,3 +88,22 @@ def ideal_global_bits(mask: np.ndarray) -> float:
     mask = np.asarray(mask).ravel()
     f = global_probability(int(mask.sum()), mask.size)
     return COUNT_BITS + ideal_bits(mask, f)
+
+
+def check_masks(payload: np.ndarray, theta: np.ndarray, n: int) -> list[dict]:
+    """Codes each bit-packed mask of ``payload`` ([masks, bytes]) both ways, decodes both
+    streams and measures them: per mask ``{"lossless", "prior_bits", "global_bits",
+    "ideal_prior", "ideal_global"}``. Numpy and constriction only, so that worker processes
+    can run it without importing JAX."""
+    theta = np.asarray(theta, np.float64)
+    out = []
+    for row in np.asarray(payload):
+        mask = np.unpackbits(row)[:n]
+        words_prior = encode(mask, theta)
+        ones, words_global = encode_global(mask)
+        lossless = (np.array_equal(decode(words_prior, theta, n), mask)
+                    and np.array_equal(decode_global(ones, words_global, n), mask))
+        out.append({"lossless": bool(lossless), "prior_bits": prior_bits(words_prior),
+                    "global_bits": global_bits(words_global),
+                    "ideal_prior": ideal_bits(mask, theta), "ideal_global": ideal_global_bits(mask)})
+    return out

@@ -59,6 +59,7 @@ def run_rounds(exp: Experiment, state: RunState, sinks: Sequence[Sink], *,
     """Runs rounds ``state.history.rounds_done + 1 .. cfg.rounds`` (stopping early if the
     loss turns non-finite); ``save(state)`` is called every ``cfg.checkpoint_every`` rounds."""
     cfg, t_start = exp.cfg, time.perf_counter()
+    t_last = t_start
     out = _InOrder(state.history, sinks)
     totals = state.history.totals()
     entries = exp.algorithm.num_params * cfg.clients_per_round
@@ -83,6 +84,9 @@ def run_rounds(exp: Experiment, state: RunState, sinks: Sequence[Sink], *,
             diverged = diverged or not finite(evaluation["test_loss"])
         if diverged:
             fields["diverged"] = True
+        # Wall time since the last round's record: the round, its evaluation and any wait for
+        # the host's work on the rounds before it (round_time_s is the round alone).
+        fields["wall_time_s"], t_last = time.perf_counter() - t_last, time.perf_counter()
         out.add(RoundRecord(r + 1, fields, evaluation), parts)
         out.emit(keep=1)  # host work may lag the rounds by one round, no more
         if save and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):

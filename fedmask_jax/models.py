@@ -28,7 +28,7 @@ from fedmask_jax import masking
 WEIGHT_INITS = ("signed_constant", "signed_kaiming")
 MODELS = ("mlp", "conv4", "conv6", "conv10")
 
-# (conv widths, a 2x2 max-pool after every second conv) -- DESIGN section 2.
+# (conv widths, a 2x2 max-pool after every second conv): docs/design.md, "The method".
 _CONV_WIDTHS = {
     "conv4": (64, 64, 128, 128),
     "conv6": (64, 64, 128, 128, 256, 256),

@@ -80,7 +80,7 @@ def execute(cfg: RunConfig, extra_sinks: tuple[sinks.Sink, ...] = ()) -> Outcome
 def _summary(exp: experiment.Experiment, state: loop.RunState, compile_s: float, total_s: float,
              workdir: str) -> dict:
     cfg, history = exp.cfg, state.history
-    times = history.round_times()
+    times, walls = history.round_times(), history.values("wall_time_s")
     summary = {
         **{f"final_{k}": v for k, v in history.last_evaluation().items()},
         "eval_split": "validation" if cfg.validation_fraction > 0 else "test",
@@ -104,6 +104,7 @@ def _summary(exp: experiment.Experiment, state: loop.RunState, compile_s: float,
         "compile_time_s": compile_s,
         "first_round_time_s": times[0],
         "steady_round_time_s": statistics.median(times[1:] or times),
+        "steady_wall_time_s": statistics.median(walls[1:] or walls),
         "total_time_s": total_s,
         "workdir": workdir,
         "config": cfg.record(),

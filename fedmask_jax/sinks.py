@@ -114,7 +114,10 @@ def progress_line(record: dict, total_rounds: int, eta_s: float) -> str:
         parts.append(f"checked {record['verified_clients']}")
     if "mask_density" in record:
         parts.append(f"density {record['mask_density']:.3f}")
-    parts += [f"{record['round_time_s']:.2f}s/round", f"ETA {format_eta(eta_s)}"]
+    parts.append(f"{record['round_time_s']:.2f}s/round")
+    if record.get("wall_time_s", 0) > 1.5 * record["round_time_s"] + 0.01:  # host-bound
+        parts[-1] += f" ({record['wall_time_s']:.2f}s wall)"
+    parts.append(f"ETA {format_eta(eta_s)}")
     return " | ".join(parts)
 
 
@@ -129,7 +132,7 @@ class Console(Sink):
             print(line, file=self.out, flush=True)
 
     def round(self, record, evaluated):
-        self._times.append(record["round_time_s"])
+        self._times.append(record.get("wall_time_s", record["round_time_s"]))
         eta = statistics.median(self._times) * (self.total - record["round"])
         print(progress_line(record, self.total, eta), file=self.out, flush=True)
 

@@ -169,6 +169,7 @@ def test_uplink_coding_is_checked_off_the_critical_path_and_changes_no_result(tm
 @pytest.mark.slow
 def test_a_mask_that_does_not_survive_coding_stops_the_run_keeping_earlier_rounds(tmp_path, monkeypatch):
     from fedmask_jax import coding
+    from fedmask_jax.algorithms import fedpm_host
 
     real_decode, calls = coding.decode, []
 
@@ -181,6 +182,7 @@ def test_a_mask_that_does_not_survive_coding_stops_the_run_keeping_earlier_round
         return out
 
     monkeypatch.setattr(coding, "decode", corrupting_decode)
+    monkeypatch.setattr(fedpm_host, "coding_workers", lambda count: 1)  # in this process
     workdir = str(tmp_path / "w")
     with pytest.raises(RunFault, match="round 2: a client's uplink mask did not survive range coding"):
         run(dataclasses.replace(TINY, workdir=workdir, rounds=4, eval_every=1))

@@ -3,7 +3,7 @@
 Clients train real scores s over frozen random weights with Adam; each uploads one binary
 mask m ~ Bernoulli(sigmoid(s)). The server smooths the masks (0 -> eps, 1 -> 1 - eps), adds
 them to a Beta(alpha, beta) posterior per entry and broadcasts the mode's logit. Defaults
-follow the authors' code (DESIGN section 2).
+follow the authors' code (docs/design.md, "The method").
 """
 
 from __future__ import annotations

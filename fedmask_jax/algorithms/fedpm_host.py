@@ -5,15 +5,17 @@ The round computes every client's exact code lengths on the device
 (``fedpm.coded_bits_prior`` / ``coded_bits_global``) and aggregates the device sums. Real
 range coding is the check that those figures and messages are right: each round a fixed
 number of clients' masks (``--verify_coded_clients``) are collected from the round, coded with
-``constriction``, decoded and compared, in a background thread that overlaps the next round.
+``constriction``, decoded and compared, in the background (worker processes where there are
+spare cores), overlapping the next round.
 A decoded mask that differs, a measured size more than 0.1 % (plus the coder's 64-bit flush)
 above its ideal, or a device figure that disagrees with the host's stops the run.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -45,71 +47,82 @@ def _flat_theta(server) -> jax.Array:
     return jnp.concatenate([jax.nn.sigmoid(s).ravel() for s in jax.tree.leaves(server.scores)])
 
 
+def coding_workers(count: int) -> int:
+    """Processes for the coding check: one per spare core (constriction holds the GIL, so
+    threads would take turns), at most one per mask; 1 means a thread, no process."""
+    return max(1, min(count, (os.cpu_count() or 1) - 1))
+
+
 class UplinkCodingCheck(HostHook):
     """Range-codes, decodes and checks ``count`` collected masks per round, off the critical
     path; records their measured sizes beside the device's ideal ones."""
 
-    def __init__(self, ctx: HostContext, count: int):
+    def __init__(self, ctx: HostContext, count: int, workers: int | None = None):
         coding.encode(np.zeros(8, np.uint8), 0.5)  # constriction is importable: fail now, not later
         self.collect = count
         self.n = ctx.algorithm.num_params
         self.k = ctx.clients_per_round
+        self.workers = workers or coding_workers(count)
         self._theta = jax.jit(_flat_theta)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedpm-coding-check")
+        # A coordinator thread per round; the coding itself in worker processes when there
+        # are spare cores (spawned: they import numpy and constriction, not this process).
+        self._rounds = ThreadPoolExecutor(1, thread_name_prefix="fedpm-coding-check")
+        self._coders = (ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                        if self.workers > 1 else None)
 
     def header(self) -> str:
+        where = f"{self.workers} worker processes" if self._coders else "a background thread"
         return (f"uplink coding check: {self.collect} of {self.k} clients' masks per round range-coded, "
-                "decoded and compared with the device's code lengths (in the background)")
+                f"decoded and compared with the device's code lengths ({where})")
 
     def before_round(self, round_index, server):
         return self._theta(server)  # what this round's clients receive, before it is donated
 
     def after_round(self, round_index, output, theta) -> Future:
         collected = output.collected
-        return self._pool.submit(self._check, round_index + 1, theta, collected.payload,
-                                 collected.metrics["uplink_bpp_coded_prior"],
-                                 collected.metrics["uplink_bpp_coded_global"])
+        return self._rounds.submit(self._check, round_index + 1, theta, collected.payload,
+                                   collected.metrics["uplink_bpp_coded_prior"],
+                                   collected.metrics["uplink_bpp_coded_global"])
 
     def _check(self, round_number, theta, payload, device_prior, device_global) -> dict:
         n = self.n
         theta, payload = np.asarray(theta, np.float64), np.asarray(payload)
+        if self._coders is None:
+            results = coding.check_masks(payload, theta, n)
+        else:
+            groups = np.array_split(np.arange(len(payload)), self.workers)
+            futures = [self._coders.submit(coding.check_masks, payload[g], theta, n) for g in groups if len(g)]
+            results = [r for f in futures for r in f.result()]
         device = {"prior": np.asarray(device_prior, np.float64) * n,
                   "global": np.asarray(device_global, np.float64) * n}
-        measured = {"prior": [], "global": []}
-        ideal_prior = []
-        for i, row in enumerate(payload):
-            mask = np.unpackbits(row)[:n]
-            words_prior = coding.encode(mask, theta)
-            ones, words_global = coding.encode_global(mask)
-            if not (np.array_equal(coding.decode(words_prior, theta, n), mask)
-                    and np.array_equal(coding.decode_global(ones, words_global, n), mask)):
+        for i, r in enumerate(results):
+            if not r["lossless"]:
                 raise RunFault(f"round {round_number}: a client's uplink mask did not survive range "
                                "coding (decoded mask differs from the one sent)")
-            sizes = {"prior": coding.prior_bits(words_prior), "global": coding.global_bits(words_global)}
-            ideal = {"prior": coding.ideal_bits(mask, theta), "global": coding.ideal_global_bits(mask)}
             for code in ("prior", "global"):
-                if abs(device[code][i] - ideal[code]) > DEVICE_AGREEMENT * ideal[code] + 1.0:
+                size, ideal = r[f"{code}_bits"], r[f"ideal_{code}"]
+                if abs(device[code][i] - ideal) > DEVICE_AGREEMENT * ideal + 1.0:
                     raise RunFault(
                         f"round {round_number}: the round's {code}-code length of a client's mask "
-                        f"({device[code][i]:.1f} bits) differs from the host's ({ideal[code]:.1f} bits)")
-                if sizes[code] > ideal[code] * (1 + CODING_SLACK) + CODING_FLUSH_BITS:
-                    raise RunFault(
-                        f"round {round_number}: the {code} range code of a client's mask took "
-                        f"{sizes[code]} bits, more than 0.1% above its ideal {ideal[code]:.1f}")
-                measured[code].append(sizes[code])
-            ideal_prior.append(ideal["prior"])
-        return {"verified_clients": len(payload),
-                "uplink_bpp_measured_prior": float(np.mean(measured["prior"])) / n,
-                "uplink_bpp_measured_global": float(np.mean(measured["global"])) / n,
+                        f"({device[code][i]:.1f} bits) differs from the host's ({ideal:.1f} bits)")
+                if size > ideal * (1 + CODING_SLACK) + CODING_FLUSH_BITS:
+                    raise RunFault(f"round {round_number}: the {code} range code of a client's mask took "
+                                   f"{size} bits, more than 0.1% above its ideal {ideal:.1f}")
+        measured_prior = sum(r["prior_bits"] for r in results)
+        return {"verified_clients": len(results),
+                "uplink_bpp_measured_prior": measured_prior / len(results) / n,
+                "uplink_bpp_measured_global": sum(r["global_bits"] for r in results) / len(results) / n,
                 # measured over ideal size of the sent (theta_g-coded) masks, minus one
-                "uplink_coding_overhead": float(np.sum(measured["prior"]) / np.sum(ideal_prior) - 1.0)}
+                "uplink_coding_overhead": measured_prior / sum(r["ideal_prior"] for r in results) - 1.0}
 
     def finish(self, server, history) -> dict:
         return {"verified_clients_total": int(sum(history.values("verified_clients"))),
                 "max_uplink_coding_overhead": max(history.values("uplink_coding_overhead"), default=None)}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._rounds.shutdown(wait=True, cancel_futures=True)
+        if self._coders is not None:
+            self._coders.shutdown(wait=True, cancel_futures=True)
 
 
 class FinalModel(HostHook):
