@@ -1,0 +1,34 @@
+"""The architecture's one-way rules, checked on the source: the run loop and the run's wiring
+know no method, and the engine knows no mask."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fedmask_jax"
+METHOD_MODULES = {"fedmask_jax.algorithms.fedpm", "fedmask_jax.algorithms.fedpm_host",
+                  "fedmask_jax.algorithms.fedavg", "fedmask_jax.algorithms.compressors",
+                  "fedmask_jax.algorithms.registry", "fedmask_jax.masking", "fedmask_jax.coding"}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("module", ["loop.py", "simulation.py", "sinks.py", "history.py",
+                                    "checkpoints.py", "engine.py"])
+def test_run_layer_and_engine_import_no_method(module):
+    assert not _imports(PACKAGE / module) & METHOD_MODULES
+
+
+def test_the_loop_names_no_method():
+    source = (PACKAGE / "loop.py").read_text().lower().replace("fedmask_jax", "")
+    for word in ("fedpm", "fedmask", "mask", "fedavg", "theta"):
+        assert word not in source, word
