@@ -108,21 +108,52 @@ class MaskedConv(_MaskedLayer):
         return y + bias
 
 
+def _pool_windows(x: jax.Array) -> jax.Array:
+    """[b, h, w, c] -> [b, h/2, 2, w/2, 2, c] (odd last rows/columns dropped, as floor pooling)."""
+    b, h, w, c = x.shape
+    return x[:, : h - h % 2, : w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2/stride-2 max-pool (floor for odd sizes) as reshape + max.
 
-    Same values as ``nn.max_pool``, but its gradient is a cheap equality mask rather than
-    XLA's select-and-scatter, which on XLA:CPU costs 8x more (87 vs 11 ms for a 128x28x28x64
-    batch, measured here) -- about 15% of a Conv4 training step.
+    The gradient goes to the *first* maximum of each window in row-major order, as in
+    PyTorch's ``max_pool2d`` (the authors' code) and XLA's select-and-scatter; the gradient
+    JAX derives for ``max`` would split it evenly among tied maxima, and ties are common
+    here (uint8 pixels, +-c weights, binary masks). Written as a reshape with an equality
+    mask rather than ``nn.max_pool``, whose select-and-scatter gradient costs 8x more on
+    XLA:CPU (docs/benchmarks.md).
     """
+    return _pool_windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    y = max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(residuals, g):
+    x, y = residuals
+    win = _pool_windows(x)
+    hit = win == y[:, :, None, :, None, :]  # [b, h/2, dy, w/2, dx, c]
+    # The first maximum in row-major (dy, dx) order: a hit with no hit before it.
+    h00, h01, h10, h11 = hit[:, :, 0, :, 0], hit[:, :, 0, :, 1], hit[:, :, 1, :, 0], hit[:, :, 1, :, 1]
+    first = jnp.stack([
+        jnp.stack([h00, h01 & ~h00], axis=3),
+        jnp.stack([h10 & ~(h00 | h01), h11 & ~(h00 | h01 | h10)], axis=3)], axis=2)
+    dwin = jnp.where(first, g[:, :, None, :, None, :], 0.0).astype(g.dtype)
     b, h, w, c = x.shape
-    x = x[:, : h - h % 2, : w - w % 2]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    dx = dwin.reshape(b, h - h % 2, w - w % 2, c)
+    return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def normalize_images(x: jax.Array) -> jax.Array:
     """uint8 pixels -> [0, 1] -> mean 0.5, std 0.5, as the reference's transforms."""
-    return (x.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+    return (x.astype(jnp.result_type(x, jnp.float32)) / 255.0 - 0.5) / 0.5  # float64 stays float64
 
 
 def _scaled(width: int, multiplier: float) -> int:

@@ -89,9 +89,27 @@ def test_unknown_model_rejected():
         models.build_model("resnet", 10)
 
 
-def test_max_pool_matches_flax_including_odd_sizes():
+def test_max_pool_matches_flax_including_odd_sizes_and_its_gradient_at_ties():
     import flax.linen as nn
 
+    pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731 -- select-and-scatter
     for shape in [(2, 28, 28, 3), (2, 7, 7, 4)]:
-        x = jax.random.normal(jax.random.key(0), shape)
-        np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+        # Small integers: most windows have tied maxima.
+        x = jax.random.randint(jax.random.key(0), shape, 0, 3).astype(jnp.float32)
+        np.testing.assert_array_equal(models.max_pool_2x2(x), pool(x))
+        g = jax.random.normal(jax.random.key(1), pool(x).shape)
+        ours = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) * g))(x)
+        np.testing.assert_array_equal(ours, jax.grad(lambda x: jnp.sum(pool(x) * g))(x))
+
+
+@pytest.mark.parametrize("window,expected", [
+    ([[5, 5], [1, 2]], [[1, 0], [0, 0]]),  # [a, a, b, c]: all of it to the first a
+    ([[1, 5], [5, 5]], [[0, 1], [0, 0]]),
+    ([[0, 0], [0, 0]], [[1, 0], [0, 0]]),
+    ([[1, 2], [3, 3]], [[0, 0], [1, 0]]),
+    ([[1, 2], [3, 4]], [[0, 0], [0, 1]]),
+])
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(window, expected):
+    x = jnp.asarray(window, jnp.float32).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda x: 3.0 * models.max_pool_2x2(x).sum())(x)
+    np.testing.assert_array_equal(grad.reshape(2, 2), 3.0 * np.asarray(expected))
