@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 
 from experiments import run as run_cli  # noqa: F401 -- defines the run and method flags
-from experiments.launch import run_point
+from experiments.launch import outcome, run_point
 from fedmask_jax.algorithms.registry import METHODS, method_flag_names
 from fedmask_jax.config import flag_fields
 from fedmask_jax.run_config import RunConfig
@@ -120,7 +120,7 @@ def main(argv):
             continue
         print(f"compare: running {method} ({METHODS[method].description}) ...", flush=True)
         rc = run_point({"algorithm": method}, workdir, [*shared_setting(method), f"--flagfile={files[method]}"])
-        status[method] = "done" if rc == 0 else f"failed (exit {rc}, see {workdir}/sweep_log.txt)"
+        status[method] = outcome(rc, f"{workdir}/sweep_log.txt")
         print(f"compare: {method} {status[method]}", flush=True)
     rows = report(F.methods, F.compare_dir, status, F.target_accuracy)
     print(open(os.path.join(F.compare_dir, "compare.md")).read())

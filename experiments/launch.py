@@ -20,3 +20,15 @@ def run_point(point: dict[str, str], workdir: str, passthrough: list[str]) -> in
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+DIVERGED = 4  # experiments.run's exit code for a run that stopped at a non-finite loss
+
+
+def outcome(rc: int, log: str) -> str:
+    """A point's status from its exit code: a diverged run is a result, not a failure."""
+    if rc == 0:
+        return "done"
+    if rc == DIVERGED:
+        return "diverged"
+    return f"failed (exit {rc}, see {log})"

@@ -4,11 +4,16 @@
 
 Writes <workdir>/metrics.jsonl (one line per evaluated round), summary.json, config.json,
 plots and, for mask methods, the final model file. Every flag is a field of
-``fedmask_jax.run_config.RunConfig`` or of a method's config (``--helpfull`` lists them).
+``fedmask_jax.run_config.RunConfig`` or of a method's config (``--help`` lists them).
+
+Exit codes: 0 done; 2 bad input, missing data, a workdir in use or not resumable, a full disk
+(one ``error:`` line); 3 a check found the results wrong (RunFault); 4 the run diverged (its
+results are written); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from absl import app, flags, logging
@@ -44,13 +49,24 @@ def main(argv):
     from fedmask_jax.simulation import run
 
     try:
-        run(cfg)
+        summary = run(cfg)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunFault as e:
-        print(f"error: {e}; the rounds before it are in the workdir", file=sys.stderr)
+        print(f"error: {e}; the rounds before it are in {cfg.workdir}", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:
+        print(f"interrupted: the rounds so far are in {cfg.workdir}"
+              + (" (continue with --resume)" if cfg.checkpoint_every else ""), file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        print(f"error: {e.filename or cfg.workdir}: {e.strerror or e}"
+              + ("; free some space or choose another --workdir" if full else ""), file=sys.stderr)
+        sys.exit(2)
+    if summary["diverged_at_round"] is not None:
+        sys.exit(4)  # results written; the warning said where and why
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 from absl import app, flags, logging
 
 from experiments import run as run_flags  # noqa: F401 -- defines the flags a point may set
-from experiments.launch import run_point
+from experiments.launch import outcome, run_point
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Grid: 'flag=v1,v2;other=a,b' (the cross product is run).")
@@ -116,7 +116,7 @@ def main(argv):
             continue
         print(f"sweep: running {point_name(point)} ...", flush=True)
         rc = run_point(point, workdir, passthrough)
-        status[workdir] = "done" if rc == 0 else f"failed (exit {rc}, see sweep_log.txt)"
+        status[workdir] = outcome(rc, "sweep_log.txt")
         print(f"sweep: {point_name(point)} {status[workdir]}", flush=True)
     rows = report(grid, F.sweep_dir, status)
     print(open(os.path.join(F.sweep_dir, "sweep.md")).read())

@@ -1,22 +1,54 @@
 """Checkpoints of a run (orbax): the server state, every client's persistent state and the
-history, so that a resumed run continues exactly where the checkpoint was taken."""
+history, so that a resumed run continues exactly where the checkpoint was taken.
+
+Each checkpoint carries an integrity record, ``integrity.json``: the SHA-256 of every file
+orbax wrote, written last and atomically. A checkpoint restores only if its record is there
+and every file matches it; otherwise the newest older checkpoint that does is used, and the
+run says so. A kill at any moment leaves the previous checkpoint intact (orbax writes into a
+temporary folder and renames it; the record comes after).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 
 import jax
 
+from fedmask_jax import outputs
 from fedmask_jax.history import History
+
+INTEGRITY = "integrity.json"
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a workdir can be used; the message says why, per checkpoint."""
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> dict[str, str]:
+    """{path relative to ``folder``: SHA-256} of every file below it but the record."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != INTEGRITY:
+                out[rel] = _digest(path)
+    return out
 
 
 class Checkpointer:
-    """``<workdir>/checkpoints/<rounds done>/``, the last two kept.
-
-    orbax writes into a temporary folder and renames it when complete, so a kill at any
-    moment leaves the previous checkpoint intact.
-    """
+    """``<workdir>/checkpoints/<rounds done>/``, the last two kept."""
 
     def __init__(self, workdir: str):
         self.folder = os.path.join(workdir, "checkpoints")
@@ -44,21 +76,63 @@ class Checkpointer:
                 state=ocp.args.StandardSave(self._device_state(server, store)),
                 history=ocp.args.JsonSave(history.to_json())))
             mngr.wait_until_finished()
+        step_dir = os.path.join(self.folder, str(rounds_done))
+        outputs.write_json_atomic(os.path.join(step_dir, INTEGRITY),
+                                  {"rounds_done": rounds_done, "sha256": _files(step_dir)})
 
-    def latest(self) -> int | None:
+    def steps(self) -> list[int]:
+        """The checkpoints on disk, newest first."""
         if not os.path.isdir(self.folder):
-            return None
-        with self._manager() as mngr:
-            return mngr.latest_step()
+            return []
+        return sorted((int(d) for d in os.listdir(self.folder) if d.isdigit()), reverse=True)
 
-    def restore(self, step: int, server_like, store_like):
-        """(server, store, history) of checkpoint ``step``, shaped like the templates."""
+    def problem(self, step: int) -> str | None:
+        """What is wrong with checkpoint ``step`` against its integrity record, or None."""
+        step_dir = os.path.join(self.folder, str(step))
+        try:
+            with open(os.path.join(step_dir, INTEGRITY)) as f:
+                record = json.load(f)
+            expected = dict(record["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "no readable integrity record (the save did not finish, or it was damaged)"
+        found = _files(step_dir)
+        missing = sorted(set(expected) - set(found))
+        if missing:
+            return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+        changed = sorted(k for k in expected if found[k] != expected[k])
+        if changed:
+            return f"{len(changed)} file(s) differ from their recorded SHA-256, e.g. {changed[0]}"
+        extra = sorted(set(found) - set(expected))
+        if extra:
+            return f"{len(extra)} unexpected file(s), e.g. {extra[0]}"
+        return None
+
+    def restore_latest(self, server_like, store_like):
+        """(step, server, store, history, notes) of the newest checkpoint that verifies and
+        restores; ``notes`` says which newer ones were passed over and why. None when there
+        is no checkpoint; ``CheckpointError`` when there are some and none can be used."""
         import orbax.checkpoint as ocp
 
-        with self._manager() as mngr:
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(self._device_state(server_like, store_like)),
-                history=ocp.args.JsonRestore()))
-        state = restored.state
-        server = state["server"]._replace(key=jax.random.wrap_key_data(state["server"].key))
-        return server, state["store"], History.from_json(list(restored.history))
+        steps, notes = self.steps(), []
+        for step in steps:
+            why = self.problem(step)
+            if why is None:
+                try:
+                    with self._manager() as mngr:
+                        restored = mngr.restore(step, args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(self._device_state(server_like, store_like)),
+                            history=ocp.args.JsonRestore()))
+                    history = History.from_json(list(restored.history))
+                    if history.rounds_done != step:
+                        raise ValueError(f"its history ends at round {history.rounds_done}")
+                except Exception as e:  # noqa: BLE001 -- any failure means "not usable"
+                    why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            if why is None:
+                state = restored.state
+                server = state["server"]._replace(key=jax.random.wrap_key_data(state["server"].key))
+                return step, server, state["store"], history, notes
+            notes.append(f"checkpoint {step}: {why}")
+        if steps:
+            raise CheckpointError(f"--resume: no usable checkpoint in {self.folder} ("
+                                  + "; ".join(notes) + "); remove --resume to start afresh")
+        return None

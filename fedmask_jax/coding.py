@@ -22,10 +22,12 @@ COUNT_BITS = 32  # the global code's header: the number of ones
 P_MIN = 1e-7
 
 
-def _bernoulli():
+def _bernoulli(p: float | None = None):
     import constriction
 
-    return constriction.stream.model.Bernoulli(perfect=False)
+    if p is None:  # per-symbol probabilities, given with the symbols
+        return constriction.stream.model.Bernoulli(perfect=False)
+    return constriction.stream.model.Bernoulli(float(np.clip(p, P_MIN, 1 - P_MIN)), perfect=False)
 
 
 def _probs(p: np.ndarray, n: int) -> np.ndarray:
@@ -35,12 +37,18 @@ def _probs(p: np.ndarray, n: int) -> np.ndarray:
 
 
 def encode(mask: np.ndarray, probs) -> np.ndarray:
-    """Range-codes a flat 0/1 mask with per-entry (or one scalar) keep-probabilities."""
+    """Range-codes a flat 0/1 mask with per-entry (or one scalar) keep-probabilities.
+
+    A scalar probability uses one fixed model (the same stream as a constant array, without
+    allocating one)."""
     import constriction
 
     symbols = np.ascontiguousarray(mask, np.int32).ravel()
     enc = constriction.stream.queue.RangeEncoder()
-    enc.encode(symbols, _bernoulli(), _probs(probs, symbols.size))
+    if np.ndim(probs) == 0:
+        enc.encode(symbols, _bernoulli(probs))
+    else:
+        enc.encode(symbols, _bernoulli(), _probs(probs, symbols.size))
     return enc.get_compressed()
 
 
@@ -49,6 +57,8 @@ def decode(words: np.ndarray, probs, n: int) -> np.ndarray:
     import constriction
 
     dec = constriction.stream.queue.RangeDecoder(np.asarray(words, np.uint32))
+    if np.ndim(probs) == 0:
+        return dec.decode(_bernoulli(probs), n).astype(np.uint8)
     return dec.decode(_bernoulli(), _probs(probs, n)).astype(np.uint8)
 
 

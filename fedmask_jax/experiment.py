@@ -108,6 +108,10 @@ def build(cfg: RunConfig, *, dataset: Dataset | None = None, workdir: str | None
         dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir,
                                archive_dirs=[cfg.archive_dir] if cfg.archive_dir else [],
                                download=cfg.download)
+    if cfg.split == "noniid" and cfg.classes_per_client > dataset.num_classes:
+        raise ValueError(f"--classes_per_client={cfg.classes_per_client} is more than the "
+                         f"{dataset.num_classes} classes of --dataset={cfg.dataset}; choose at most "
+                         f"{dataset.num_classes}")
     if cfg.validation_fraction > 0:  # tuning: evaluate on held-out training data
         dataset = holdout_validation(dataset, cfg.validation_fraction, cfg.seed)
     parts = partition(dataset.y_train, cfg.num_clients, cfg.split, seed=cfg.seed,

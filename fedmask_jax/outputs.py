@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
+import socket
 import tempfile
 from typing import Any
+
+# The process's umask, read once at import (os.umask can only be read by setting it): files
+# written atomically get the mode a plain open() would give them, not mkstemp's 0600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -30,6 +39,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
             json.dump(finite_or_none(obj), f, indent=2, sort_keys=True, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -49,3 +59,38 @@ def ensure_writable_dir(path: str, flag: str = "--workdir") -> str:
         raise ValueError(f"{flag}={path} is not a writable folder ({e.strerror}); "
                          "choose another folder") from e
     return path
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for the life of a run (``flock`` on ``.lock``).
+
+    The kernel releases it when the process ends, however it ends, so a lock left by a
+    crashed run is no lock at all; the file only says which process took it last.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, workdir: str):
+        self.workdir, self.path = workdir, os.path.join(workdir, self.NAME)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ValueError(f"--workdir={self.workdir} is in use by another run ({holder}); "
+                                 "wait for it to finish or choose another --workdir") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None

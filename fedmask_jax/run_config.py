@@ -18,8 +18,10 @@ from fedmask_jax.algorithms import registry
 from fedmask_jax.config import setting
 from fedmask_jax.data import DATASETS, SPLITS
 
-# Settings that do not change what a run computes: a resumed run may differ in them.
-RESUME_NEUTRAL = ("resume", "allow_config_change", "verbose", "checkpoint_every", "tensorboard")
+# Settings that do not change what a run computes: a resumed run may differ in them (a workdir
+# or data folder that was moved or copied still holds the same run; more rounds continue it).
+RESUME_NEUTRAL = ("resume", "allow_config_change", "verbose", "checkpoint_every", "tensorboard",
+                  "workdir", "data_dir", "archive_dir", "download", "rounds")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,23 +38,29 @@ def execute(cfg: RunConfig, extra_sinks: tuple[sinks.Sink, ...] = ()) -> Outcome
     """``run``, also handing back what it built and where it ended."""
     t_start = time.perf_counter()
     workdir = outputs.ensure_writable_dir(cfg.workdir)
+    with outputs.WorkdirLock(workdir):
+        return _execute(cfg, workdir, t_start, extra_sinks)
+
+
+def _execute(cfg: RunConfig, workdir: str, t_start: float, extra_sinks) -> Outcome:
     checkpointer = Checkpointer(workdir)
     if cfg.resume:
         _check_same_config(cfg, workdir)
     exp = experiment.build(cfg, workdir=workdir)
     try:
         server, store = exp.initial_state()
-        history, start = History(), 0
-        step = checkpointer.latest() if cfg.resume else None
-        if step is not None:
-            server, store, history = checkpointer.restore(step, server, store)
-            start = history.rounds_done
+        history, start, notes, restored = History(), 0, [], None
+        if cfg.resume:  # before compiling: a workdir that cannot be resumed fails at once
+            restored = checkpointer.restore_latest(server, store)
+        if restored is not None:
+            start, server, store, history, notes = restored
         compile_s = exp.compile(server, store)
         header = [exp.describe() + f"; compiled in {compile_s:.1f}s",
                   *filter(None, (h.header() for h in exp.hooks))]
         if cfg.resume:
+            header += [f"resume: passed over {n}" for n in notes]
             header.append(f"resume: continuing after round {start} from {checkpointer.folder}"
-                          if step is not None else f"resume: no checkpoint in {checkpointer.folder}; starting afresh")
+                          if restored is not None else f"resume: no checkpoint in {checkpointer.folder}; starting afresh")
         else:
             checkpointer.clear()
         _write_config_record(exp, workdir)

@@ -55,6 +55,7 @@ class MetricsJsonl(Sink):
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".jsonl")
         with os.fdopen(fd, "w") as f:
             f.writelines(kept)
+        os.chmod(tmp, outputs.FILE_MODE)
         os.replace(tmp, path)
         self._file = open(path, "a")
 
@@ -124,8 +125,12 @@ def progress_line(record: dict, total_rounds: int, eta_s: float) -> str:
 class Console(Sink):
     """The header, a line per round with an ETA, and the outcome."""
 
-    def __init__(self, total_rounds: int, out: TextIO = sys.stdout):
-        self.total, self.out, self._times = total_rounds, out, []
+    def __init__(self, total_rounds: int, out: TextIO | None = None):
+        self.total, self._out, self._times = total_rounds, out, []
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout  # whatever stdout is when a line is printed
 
     def open(self, header):
         for line in header:

@@ -12,3 +12,16 @@ _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax-tests"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Fails a test that reaches compilation: bad input must stop before any compute."""
+    from fedmask_jax import engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled before rejecting the input")
+    monkeypatch.setattr(engine.RoundFn, "compile", refuse)

@@ -167,3 +167,55 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path):
     assert np.bincount(ds.y_train).tolist() == [6000] * 10
     assert np.bincount(ds.y_test).tolist() == [1000] * 10
     assert ds.x_train.dtype == np.uint8 and 0.2 < ds.x_train.mean() / 255 < 0.4
+
+
+def _prepared(tmp_path):
+    _fake_mnist(str(tmp_path / "archives"))
+    kw = dict(data_dir=str(tmp_path / "tfds"), archive_dirs=[str(tmp_path / "archives")], download=False)
+    load_dataset("mnist", **kw)
+    files = sorted((tmp_path / "tfds" / "mnist" / "1.0.0").glob("*.array_record*"))
+    assert files
+    return kw, files
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_prepared_file_is_one_clear_error_naming_its_folder(tmp_path, damage):
+    kw, files = _prepared(tmp_path)
+    blob = bytearray(files[-1].read_bytes())
+    if damage == "flip":
+        at = len(blob) // 3
+        blob[at: at + 64] = bytes(b ^ 0xFF for b in blob[at: at + 64])
+    else:
+        blob = blob[: len(blob) // 2]
+    files[-1].write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=r"mnist.*1\.0\.0.*delete .* to rebuild") as e:
+        load_dataset("mnist", **kw)
+    assert len(str(e.value)) < 600
+
+
+def test_a_label_out_of_range_names_the_archive_in_one_line(tmp_path):
+    folder = tmp_path / "archives"
+    _fake_mnist(str(folder))
+    labels = np.zeros(40, np.uint8)
+    labels[7] = 200
+    archives.write_idx_gz(str(folder / "train-labels-idx1-ubyte.gz"), labels)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz.*1 train label\(s\) outside 0\.\.9 "
+                                        r"\(e\.g\. 200 at example 7\)") as e:
+        load_dataset("mnist", data_dir=str(tmp_path / "tfds"), archive_dirs=[str(folder)], download=False)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 600
+
+
+def test_offline_download_fails_at_once(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    def no_network(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="there is no network .*Network is unreachable.*To fix"):
+        load_dataset("cifar10", data_dir=str(tmp_path / "tfds"), archive_dirs=[empty], download=True)
+    assert time.perf_counter() - t0 < 30

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from fedmask_jax import engine
 from fedmask_jax.algorithms.base import RunFault
 from fedmask_jax.simulation import RunConfig, execute, run
 
@@ -54,14 +53,6 @@ def test_different_seed_differs(tmp_path):
     a = run(dataclasses.replace(TINY, workdir=str(tmp_path / "a"), rounds=2))
     b = run(dataclasses.replace(TINY, workdir=str(tmp_path / "b"), rounds=2, seed=1))
     assert a["final_test_loss"] != b["final_test_loss"]
-
-
-@pytest.fixture
-def no_compiling(monkeypatch):
-    """Fails a test that reaches compilation: bad input must stop before any compute."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("compiled before rejecting the input")
-    monkeypatch.setattr(engine.RoundFn, "compile", refuse)
 
 
 @pytest.mark.parametrize("change,match", [

@@ -149,11 +149,15 @@ def _builder_class(spec: ArchiveSpec):
             if paths is None:
                 if not self._download:
                     raise DataError(_missing_message(spec, tried, "downloads disabled"))
+                offline = _unreachable(spec.urls)
+                if offline:  # fail in seconds, not after minutes of retries
+                    raise DataError(_missing_message(spec, tried, f"there is no network ({offline})"))
                 try:
                     paths = {f: os.fspath(p) for f, p in dl_manager.download(spec.urls).items()}
                 except Exception as e:  # noqa: BLE001 -- any download failure means "offline"
                     raise DataError(_missing_message(spec, tried, f"download failed: {e}")) from e
             splits = spec.read(paths)
+            _check_splits(spec, splits, sorted(set(paths.values())))
             return {s: self._generate_examples(*splits[s]) for s in ("train", "test")}
 
         def _generate_examples(self, images, labels):
@@ -163,9 +167,79 @@ def _builder_class(spec: ArchiveSpec):
     return ArchiveBuilder
 
 
+def _unreachable(urls: dict[str, str], timeout: float = 5.0) -> str | None:
+    """Why the first URL's host cannot be reached (None when it can): a quick probe, so an
+    offline machine is told at once instead of after the downloader's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(next(iter(urls.values())))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"cannot reach {url.hostname}:{port}: {e.strerror or e}"
+    return None
+
+
+def _check_splits(spec: ArchiveSpec, splits: dict, files: list[str]) -> None:
+    """Images of the dataset's shape and labels among its classes, or a DataError naming the
+    archives (before TFDS turns a bad label into a page-long array dump)."""
+    for split in ("train", "test"):
+        x, y = splits[split]
+        if tuple(x.shape[1:]) != spec.shape or len(x) != len(y) or len(y) == 0:
+            raise DataError(f"{', '.join(files)}: {split} images {x.shape} / labels {y.shape} are not "
+                            f"{spec.name}'s {spec.shape} images; the archives are corrupt or another dataset's")
+        bad = np.flatnonzero((y < 0) | (y >= spec.num_classes))
+        if len(bad):
+            raise DataError(f"{', '.join(files)}: {len(bad)} {split} label(s) outside 0..{spec.num_classes - 1} "
+                            f"(e.g. {int(y[bad[0]])} at example {int(bad[0])}); the archives are corrupt "
+                            "or another dataset's")
+
+
 def _missing_message(spec: ArchiveSpec, tried: list[str], why: str) -> str:
     return (f"dataset {spec.name!r}: could not find {', '.join(spec.files)} in "
             f"{tried or ['(no folders)']} and {why}. To fix: {spec.how_to_get}.")
+
+
+_PREPARED_DIGESTS = "fedmask_jax.sha256.json"
+
+
+def _verify_prepared(name: str, folder: str) -> None:
+    """Checks the prepared files against the SHA-256s recorded when they were first read
+    (recording them then): array_record has no checksum of its own, so a damaged byte would
+    otherwise be read as a different image."""
+    import hashlib
+    import json
+
+    def digests() -> dict[str, str]:
+        out = {}
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if entry != _PREPARED_DIGESTS and os.path.isfile(path):
+                with open(path, "rb") as f:
+                    out[entry] = hashlib.sha256(f.read()).hexdigest()
+        return out
+
+    record = os.path.join(folder, _PREPARED_DIGESTS)
+    found = digests()
+    if not os.path.isfile(record):
+        tmp = record + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(found, f, indent=1, sort_keys=True)
+        os.replace(tmp, record)
+        return
+    try:
+        with open(record) as f:
+            expected = dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        expected = {}
+    damaged = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+    if damaged or not expected:
+        what = f"{damaged[0]} differs from" if damaged else "no readable"
+        raise DataError(f"dataset {name!r}: {os.path.join(folder, damaged[0] if damaged else _PREPARED_DIGESTS)}: "
+                        f"{what} the SHA-256 recorded when it was prepared; delete {folder} to rebuild "
+                        "it from the original archives")
 
 
 def load_digits(seed: int = 0, test_size: int = 297) -> Dataset:
@@ -208,15 +282,30 @@ def load_dataset(name: str, *, data_dir: str | None = None, archive_dirs: Sequen
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
             raise cause from None
-        raise
-    sources = builder.as_data_source()
-    arrays = []
-    for split in ("train", "test"):
-        src = sources[split]
-        records = src.__getitems__(list(range(len(src))))
-        arrays.append(np.stack([r["image"] for r in records]).astype(np.uint8))
-        arrays.append(np.array([r["label"] for r in records], np.int32))
-    return Dataset(name, *arrays, num_classes=spec.num_classes)
+        raise DataError(f"dataset {name!r}: preparing its files in {builder.data_dir} failed "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
+                        f"delete {builder.data_dir} to rebuild them from the original archives") from None
+    _verify_prepared(name, builder.data_dir)
+    try:
+        sources = builder.as_data_source()
+        arrays = []
+        for split in ("train", "test"):
+            src = sources[split]
+            records = src.__getitems__(list(range(len(src))))
+            arrays.append(np.stack([r["image"] for r in records]).astype(np.uint8))
+            arrays.append(np.array([r["label"] for r in records], np.int32))
+    except Exception as e:  # noqa: BLE001 -- array_record, TFDS and numpy each fail their own way
+        raise DataError(
+            f"dataset {name!r}: its prepared files in {builder.data_dir} cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); delete "
+            f"{builder.data_dir} to rebuild them from the original archives") from None
+    dataset = Dataset(name, *arrays, num_classes=spec.num_classes)
+    for split, (x, y) in (("train", arrays[:2]), ("test", arrays[2:])):
+        if tuple(x.shape[1:]) != spec.shape or not ((y >= 0) & (y < spec.num_classes)).all():
+            raise DataError(f"dataset {name!r}: the {split} split in {builder.data_dir} does not hold "
+                            f"{spec.shape} images with labels 0..{spec.num_classes - 1}; delete "
+                            f"{builder.data_dir} to rebuild it")
+    return dataset
 
 
 def holdout_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
