@@ -86,6 +86,7 @@ def test_no_usable_checkpoint_is_one_error_before_compiling(tmp_path, monkeypatc
         run(dataclasses.replace(TINY, workdir=workdir, rounds=6, resume=True))
 
 
+@pytest.mark.slow
 def test_every_checkpoint_carries_an_integrity_record_written_last(tmp_path):
     workdir = str(tmp_path)
     run(dataclasses.replace(TINY, workdir=workdir, rounds=2))
@@ -124,6 +125,7 @@ def test_too_many_classes_per_client_is_refused(tmp_path, no_compiling):
         run(dataclasses.replace(TINY, workdir=str(tmp_path), split="noniid", classes_per_client=11))
 
 
+@pytest.mark.slow
 def test_results_are_written_with_the_usual_file_mode(tmp_path):
     run(dataclasses.replace(TINY, workdir=str(tmp_path), rounds=1))
     plain = tmp_path / "plain"

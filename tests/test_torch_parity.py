@@ -23,8 +23,8 @@ def test_logits_and_score_gradients_match(name, shape, width):
     # (pre-activations of ~1e-7) likely, where float rounding order decides the ReLU gate.
     x = rng.uniform(0, 255, (16, *shape)).astype(np.float32)
     y = rng.integers(0, 10, 16)
-    v = model.init({"params": jax.random.key(0), "frozen": jax.random.key(1),
-                    "mask": jax.random.key(2)}, jnp.asarray(x))
+    v = jax.jit(model.init)({"params": jax.random.key(0), "frozen": jax.random.key(1),
+                             "mask": jax.random.key(2)}, jnp.asarray(x))
     key = jax.random.key(3)
 
     def loss_fn(scores):
