@@ -17,23 +17,26 @@ import typing
 from typing import Any, Callable, Iterable, Sequence
 
 # Field metadata keys.
-_HELP, _CHOICES, _MIN, _MAX, _MIN_OPEN, _MAX_OPEN, _CHECK, _FLAG = (
-    "help", "choices", "min", "max", "min_open", "max_open", "check", "flag")
+_HELP, _CHOICES, _MIN, _MAX, _MIN_OPEN, _MAX_OPEN, _CHECK, _FLAG, _VARY = (
+    "help", "choices", "min", "max", "min_open", "max_open", "check", "flag", "vary")
 
 
 def setting(default: Any, help: str, *, choices: Sequence[Any] | None = None,
             min: float | None = None, max: float | None = None, min_open: bool = False,
             max_open: bool = False, check: Callable[[Any], str | None] | None = None,
-            flag: bool = True) -> Any:
+            flag: bool = True, vary: bool = False) -> Any:
     """A dataclass field that is also a command-line flag.
 
     ``min``/``max`` bound numbers (``*_open`` excludes the bound itself); ``check(value)``
     returns what is wrong with a value (or None) for anything bounds cannot say;
-    ``flag=False`` keeps a field out of the command line (set from Python only).
+    ``flag=False`` keeps a field out of the command line (set from Python only);
+    ``vary=True``: runs that differ in this setting can share one compiled program (it is a
+    traced value, or it only shapes the initial state or the data split).
     """
     return dataclasses.field(default=default, metadata={
         _HELP: help, _CHOICES: tuple(choices) if choices is not None else None, _MIN: min,
-        _MAX: max, _MIN_OPEN: min_open, _MAX_OPEN: max_open, _CHECK: check, _FLAG: flag})
+        _MAX: max, _MIN_OPEN: min_open, _MAX_OPEN: max_open, _CHECK: check, _FLAG: flag,
+        _VARY: vary})
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -116,6 +119,11 @@ def check(instance) -> None:
 def flag_fields(cls) -> list[dataclasses.Field]:
     """The fields of a settings dataclass that are command-line flags."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get(_FLAG)]
+
+
+def varying(cls) -> set[str]:
+    """The settings of ``cls`` that may differ between runs sharing one program."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get(_VARY)}
 
 
 def field_type(cls, name: str):

@@ -42,12 +42,14 @@ class FedAvgConfig:
 
     client_optimizer: str = setting("sgd", "Client optimizer of the dense weights.", choices=OPTIMIZERS)
     client_lr: float = setting(0.1, "Client learning rate (mask methods: Adam on the scores; dense "
-                               "methods: --client_optimizer).", min=0, min_open=True)
-    client_momentum: float = setting(0.9, "Momentum for --client_optimizer=sgdm.", min=0, max=1, max_open=True)
+                               "methods: --client_optimizer).", min=0, min_open=True, vary=True)
+    client_momentum: float = setting(0.9, "Momentum for --client_optimizer=sgdm.", min=0, max=1,
+                                     max_open=True, vary=True)
     server_optimizer: str = setting("sgd", "Optax optimizer the server applies to -(aggregated "
                                     "update); sgd at lr 1 is FedAvg.", choices=OPTIMIZERS)
-    server_lr: float = setting(1.0, "Server learning rate.", min=0, min_open=True)
-    server_momentum: float = setting(0.9, "Momentum for --server_optimizer=sgdm.", min=0, max=1, max_open=True)
+    server_lr: float = setting(1.0, "Server learning rate.", min=0, min_open=True, vary=True)
+    server_momentum: float = setting(0.9, "Momentum for --server_optimizer=sgdm.", min=0, max=1,
+                                     max_open=True, vary=True)
     # mean | majority_vote (sign of the sum of the decoded messages); set by the method.
     aggregation: str = setting("mean", "Aggregation of the decoded messages.", choices=AGGREGATIONS,
                                flag=False)
@@ -60,7 +62,7 @@ class FedAvgConfig:
 class SignSGDConfig(FedAvgConfig):
     # A majority vote moves every weight by the full server step, so it needs a small one;
     # tuned on Fashion-MNIST (experiments/configs/methods/signsgd.flags).
-    server_lr: float = setting(3e-3, "Server learning rate.", min=0, min_open=True)
+    server_lr: float = setting(3e-3, "Server learning rate.", min=0, min_open=True, vary=True)
     aggregation: str = setting("majority_vote", "Aggregation of the decoded messages.",
                                choices=AGGREGATIONS, flag=False)
 
@@ -89,11 +91,22 @@ def make_optimizer(kind: str, lr: float, momentum: float) -> optax.GradientTrans
     return optax.sgd(lr, momentum=momentum if kind == "sgdm" else None)
 
 
+class FedAvgHyper(NamedTuple):
+    """The hyperparameters the round reads as values (``vary=True`` settings), so that runs
+    differing in them can share one program."""
+
+    client_lr: jax.Array
+    client_momentum: jax.Array
+    server_lr: jax.Array
+    server_momentum: jax.Array
+
+
 class FedAvgServerState(NamedTuple):
     params: PyTree
     opt_state: optax.OptState
     round: jax.Array
     key: jax.Array
+    hp: FedAvgHyper
 
 
 class FedAvgClientState(NamedTuple):
@@ -108,22 +121,28 @@ def init_dense_params(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> 
 def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: FedAvgConfig,
                       compressor: Compressor, name: str = "fedavg") -> FederatedAlgorithm:
     """Builds the method for a dense Flax ``model`` with ``compressor`` on the uplink."""
-    client_opt = make_optimizer(config.client_optimizer, config.client_lr, config.client_momentum)
-    server_opt = make_optimizer(config.server_optimizer, config.server_lr, config.server_momentum)
+    def client_opt(hp: FedAvgHyper):
+        return make_optimizer(config.client_optimizer, hp.client_lr, hp.client_momentum)
+
+    def server_opt(hp: FedAvgHyper):
+        return make_optimizer(config.server_optimizer, hp.server_lr, hp.server_momentum)
+
+    initial_hp = FedAvgHyper(*(jnp.float32(v) for v in (config.client_lr, config.client_momentum,
+                                                         config.server_lr, config.server_momentum)))
     shapes = jax.eval_shape(lambda k: init_dense_params(model, sample_x, k), jax.random.key(0))
     num_params = count_entries(shapes)
     unravel = ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))[1]
 
     def server_init(key):
         params = init_dense_params(model, sample_x, key)
-        return FedAvgServerState(params, server_opt.init(params), jnp.zeros((), jnp.int32),
-                                 jax.random.fold_in(key, 1))
+        return FedAvgServerState(params, server_opt(initial_hp).init(params), jnp.zeros((), jnp.int32),
+                                 jax.random.fold_in(key, 1), initial_hp)
 
     def persistent_init():
         return compressor.init(num_params)
 
     def client_init(server, persistent):
-        return FedAvgClientState(server.params, client_opt.init(server.params))
+        return FedAvgClientState(server.params, client_opt(server.hp).init(server.params))
 
     def loss_fn(params, batch: Batch):
         logits = model.apply({"params": params}, batch.x)
@@ -132,7 +151,7 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: FedAvgConfi
 
     def client_step(server, state: FedAvgClientState, batch: Batch, key):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
-        updates, opt_state = client_opt.update(grads, state.opt_state, state.params)
+        updates, opt_state = client_opt(server.hp).update(grads, state.opt_state, state.params)
         return FedAvgClientState(optax.apply_updates(state.params, updates), opt_state), loss
 
     def client_finish(server, state: FedAvgClientState, persistent, num_examples, key):
@@ -152,7 +171,7 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: FedAvgConfi
         else:
             aggregate = decoded_sum / num_clients
         pseudo_grad = unravel(-aggregate)
-        updates, opt_state = server_opt.update(pseudo_grad, server.opt_state, server.params)
+        updates, opt_state = server_opt(server.hp).update(pseudo_grad, server.opt_state, server.params)
         return server._replace(params=optax.apply_updates(server.params, updates),
                                opt_state=opt_state, round=server.round + 1)
 

@@ -39,20 +39,20 @@ class FedPMConfig:
 
     client_lr: float = setting(0.1, "Client learning rate (mask methods: Adam on the scores; dense "
                                "methods: --client_optimizer).",
-                               min=0, min_open=True)
+                               min=0, min_open=True, vary=True)
     epsilon: float = setting(0.01, "Uplink mask smoothing 0 -> eps, 1 -> 1 - eps before aggregation.",
-                             min=0, max=0.5, min_open=True, max_open=True)
+                             min=0, max=0.5, min_open=True, max_open=True, vary=True)
     lambda0: float = setting(1.0, "Server Beta prior alpha = beta = lambda0 (>= 1: the mode needs it).",
-                             min=1.0)
+                             min=1.0, vary=True)
     prior_reset_period: int = setting(1, "Reset the server's Beta prior every this many rounds "
-                                      "(1 = every round, the reference).", min=1)
+                                      "(1 = every round, the reference).", min=1, vary=True)
     persistent_client_optimizer: bool = setting(
         False, "Keep each client's Adam state across the rounds it joins (a reference quirk).")
     downlink: str = setting("float32", "Server broadcast: float32 scores (32 bpp), theta_g quantised "
                             "to --downlink_bits, or one sampled mask.", choices=DOWNLINKS)
     downlink_bits: int = setting(4, "Bits per entry for --downlink=quantized.", min=1, max=16)
     weight_init: str = setting("signed_constant", "Frozen weights: +-e*sqrt(1/fan_in) (reference) "
-                               "or +-sqrt(2/fan_in).", choices=models.WEIGHT_INITS)
+                               "or +-sqrt(2/fan_in).", choices=models.WEIGHT_INITS, vary=True)
     mask_gradient: str = setting("reference", "Surrogate gradient through the mask sample: "
                                  "theta*g (reference) or straight-through.", choices=masking.GRADIENTS)
     coded_uplink: bool = setting(
@@ -81,6 +81,16 @@ class FedPMConfig:
 
 
 
+class FedPMHyper(NamedTuple):
+    """The hyperparameters the round reads as values, so that runs differing in them can
+    share one program (``FedPMConfig`` fields with ``vary=True``)."""
+
+    client_lr: jax.Array
+    epsilon: jax.Array
+    lambda0: jax.Array
+    prior_reset_period: jax.Array
+
+
 class FedPMServerState(NamedTuple):
     frozen: PyTree  # the random weights, shared by everyone
     scores: PyTree  # what is broadcast: logit(theta_g), or of its compressed form
@@ -88,6 +98,7 @@ class FedPMServerState(NamedTuple):
     beta: PyTree
     round: jax.Array
     key: jax.Array  # for a server-sampled broadcast mask
+    hp: FedPMHyper
 
 
 class FedPMClientState(NamedTuple):
@@ -117,7 +128,9 @@ def fedmask(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Feder
 def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
           name: str = "fedpm") -> FederatedAlgorithm:
     """Builds FedPM for a masked Flax ``model``; ``sample_x`` is one input batch for shapes."""
-    optimizer = optax.adam(config.client_lr)
+    def optimizer(hp: FedPMHyper | None = None):  # the learning rate only scales updates
+        return optax.adam(config.client_lr if hp is None else hp.client_lr)
+
     thresholded = model.clone(mask_mode="threshold")
 
     def init_variables(key):
@@ -134,16 +147,18 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
             frozen=variables["frozen"], scores=scores, alpha=full(config.lambda0),
             beta=full(config.lambda0), round=jnp.zeros((), jnp.int32),
             key=jax.random.fold_in(key, 1),
+            hp=FedPMHyper(jnp.float32(config.client_lr), jnp.float32(config.epsilon),
+                          jnp.float32(config.lambda0), jnp.int32(config.prior_reset_period)),
         )
 
     def persistent_init():
         if not config.persistent_client_optimizer:
             return ()
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"])
-        return optimizer.init(zeros)
+        return optimizer().init(zeros)
 
     def client_init(server, persistent):
-        opt_state = persistent if config.persistent_client_optimizer else optimizer.init(server.scores)
+        opt_state = persistent if config.persistent_client_optimizer else optimizer().init(server.scores)
         return FedPMClientState(server.scores, opt_state)
 
     def loss_fn(scores, frozen, batch: Batch, key):
@@ -153,7 +168,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
 
     def client_step(server, state: FedPMClientState, batch: Batch, key):
         loss, grads = jax.value_and_grad(loss_fn)(state.scores, server.frozen, batch, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.scores)
+        updates, opt_state = optimizer(server.hp).update(grads, state.opt_state, state.scores)
         return FedPMClientState(optax.apply_updates(state.scores, updates), opt_state), loss
 
     def client_finish(server, state: FedPMClientState, persistent, num_examples, key):
@@ -181,20 +196,19 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
     def server_update(server: FedPMServerState, mask_counts, num_clients):
         chex.assert_trees_all_equal_shapes_and_dtypes(mask_counts, server.scores)
         k = num_clients.astype(jnp.float32)
-        reset = server.round % config.prior_reset_period == 0
-        prior = lambda p: jnp.where(reset, config.lambda0, p)  # noqa: E731
+        hp = server.hp
+        reset = server.round % hp.prior_reset_period == 0
+        prior = lambda p: jnp.where(reset, hp.lambda0, p)  # noqa: E731
         # sum_k v_k of the smoothed masks, from the count of ones among the K masks
-        ones = jax.tree.map(
-            lambda c: (1.0 - 2.0 * config.epsilon) * c + config.epsilon * k, mask_counts
-        )
+        ones = jax.tree.map(lambda c: (1.0 - 2.0 * hp.epsilon) * c + hp.epsilon * k, mask_counts)
         alpha = jax.tree.map(lambda a, s: prior(a) + s, server.alpha, ones)
         beta = jax.tree.map(lambda b, s: prior(b) + (k - s), server.beta, ones)
         theta = jax.tree.map(lambda a, b: (a - 1.0) / (a + b - 2.0), alpha, beta)
-        theta = compress_broadcast(theta, jax.random.fold_in(server.key, server.round))
+        theta = compress_broadcast(theta, jax.random.fold_in(server.key, server.round), hp.epsilon)
         scores = jax.tree.map(lambda t: jnp.log(t) - jnp.log1p(-t), theta)
         return server._replace(scores=scores, alpha=alpha, beta=beta, round=server.round + 1)
 
-    def compress_broadcast(theta, key):
+    def compress_broadcast(theta, key, epsilon):
         """What the clients receive in place of theta_g (the posterior stays exact)."""
         if config.downlink == "quantized":  # mid-points of 2**bits equal bins of [0, 1]
             levels = 2 ** config.downlink_bits
@@ -204,7 +218,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
             leaves, treedef = jax.tree.flatten(theta)
             keys = jax.random.split(key, len(leaves))
             return jax.tree.unflatten(treedef, [
-                masking.smooth_mask(jax.random.bernoulli(k, t).astype(jnp.float32), config.epsilon)
+                masking.smooth_mask(jax.random.bernoulli(k, t).astype(jnp.float32), epsilon)
                 for k, t in zip(keys, leaves)])
         return theta
 
