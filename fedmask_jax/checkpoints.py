@@ -68,13 +68,15 @@ class Checkpointer:
         if os.path.isdir(self.folder):
             shutil.rmtree(self.folder)
 
-    def save(self, rounds_done: int, server, store, history: History) -> None:
+    def save(self, rounds_done: int, server, store, histories: list[History]) -> None:
+        """The state after ``rounds_done`` rounds; ``histories``: each run's (one, or a
+        batch's), the server and store with the batch's leading runs axis."""
         import orbax.checkpoint as ocp
 
         with self._manager() as mngr:
             mngr.save(rounds_done, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(self._device_state(server, store)),
-                history=ocp.args.JsonSave(history.to_json())))
+                history=ocp.args.JsonSave({"runs": [h.to_json() for h in histories]})))
             mngr.wait_until_finished()
         step_dir = os.path.join(self.folder, str(rounds_done))
         outputs.write_json_atomic(os.path.join(step_dir, INTEGRITY),
@@ -107,10 +109,11 @@ class Checkpointer:
             return f"{len(extra)} unexpected file(s), e.g. {extra[0]}"
         return None
 
-    def restore_latest(self, server_like, store_like):
-        """(step, server, store, history, notes) of the newest checkpoint that verifies and
-        restores; ``notes`` says which newer ones were passed over and why. None when there
-        is no checkpoint; ``CheckpointError`` when there are some and none can be used."""
+    def restore_latest(self, server_like, store_like, runs: int = 1):
+        """(step, server, store, histories, notes) of the newest checkpoint that verifies and
+        restores with ``runs`` histories; ``notes`` says which newer ones were passed over
+        and why. None when there is no checkpoint; ``CheckpointError`` when there are some
+        and none can be used."""
         import orbax.checkpoint as ocp
 
         steps, notes = self.steps(), []
@@ -122,15 +125,16 @@ class Checkpointer:
                         restored = mngr.restore(step, args=ocp.args.Composite(
                             state=ocp.args.StandardRestore(self._device_state(server_like, store_like)),
                             history=ocp.args.JsonRestore()))
-                    history = History.from_json(list(restored.history))
-                    if history.rounds_done != step:
-                        raise ValueError(f"its history ends at round {history.rounds_done}")
+                    histories = [History.from_json(list(h)) for h in restored.history["runs"]]
+                    if len(histories) != runs or max(h.rounds_done for h in histories) != step:
+                        raise ValueError(f"it holds {len(histories)} run(s) ending at round "
+                                         f"{max((h.rounds_done for h in histories), default=0)}")
                 except Exception as e:  # noqa: BLE001 -- any failure means "not usable"
                     why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
             if why is None:
                 state = restored.state
                 server = state["server"]._replace(key=jax.random.wrap_key_data(state["server"].key))
-                return step, server, state["store"], history, notes
+                return step, server, state["store"], histories, notes
             notes.append(f"checkpoint {step}: {why}")
         if steps:
             raise CheckpointError(f"--resume: no usable checkpoint in {self.folder} ("

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -46,6 +47,7 @@ from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm,
 
 STRATEGIES = ("scan", "host_loop")
 CLIENTS_AXIS = "clients"
+RUNS_AXIS = "runs"
 
 
 class ClientData(NamedTuple):
@@ -114,10 +116,12 @@ def compiler_options(cfg: EngineConfig, backend: str | None = None) -> dict[str,
     return dict(_NO_YNN)
 
 
-def client_data_from_partition(x: np.ndarray, y: np.ndarray, partition: list[np.ndarray]) -> ClientData:
-    """Puts a partitioned dataset on the device once, as ``ClientData``."""
+def client_data_from_partition(x: np.ndarray, y: np.ndarray, partition: list[np.ndarray],
+                               width: int | None = None) -> ClientData:
+    """Puts a partitioned dataset on the device once, as ``ClientData``; ``width``: pad each
+    client's row of the index to this many examples (default: the largest client)."""
     sizes = np.array([len(p) for p in partition], np.int32)
-    index = np.zeros((len(partition), int(sizes.max())), np.int32)
+    index = np.zeros((len(partition), max(int(sizes.max()), width or 0)), np.int32)
     for c, p in enumerate(partition):
         index[c, : len(p)] = p
     data = ClientData(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(index), jnp.asarray(sizes))
@@ -407,18 +411,30 @@ class _Compiling(_HostDriven):
         return 1
 
 
+def _devices(num_devices: int) -> list:
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(f"--num_devices={num_devices} but only {len(devices)} devices exist")
+        devices = devices[:num_devices]
+    return devices
+
+
 def clients_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D mesh named ``clients`` over the first ``num_devices`` devices (0 = all).
 
     Built from ``Mesh`` directly: ``jax.make_mesh`` gives Explicit axes in JAX 0.10, which
     reject the unsharded (replicated) inputs the round takes.
     """
-    devices = jax.devices()
-    if num_devices:
-        if num_devices > len(devices):
-            raise ValueError(f"--num_devices={num_devices} but only {len(devices)} devices exist")
-        devices = devices[:num_devices]
-    return Mesh(np.array(devices), (CLIENTS_AXIS,))
+    return Mesh(np.array(_devices(num_devices)), (CLIENTS_AXIS,))
+
+
+def runs_mesh(runs: int, num_devices: int = 0) -> Mesh:
+    """A 2-D ``runs`` x ``clients`` mesh for ``runs`` runs in one program: as many devices
+    on ``runs`` as divide the runs evenly, the rest on ``clients`` (each run's cohort)."""
+    devices = _devices(num_devices)
+    on_runs = math.gcd(runs, len(devices))
+    return Mesh(np.array(devices).reshape(on_runs, len(devices) // on_runs), (RUNS_AXIS, CLIENTS_AXIS))
 
 
 class RoundFn:
@@ -430,26 +446,39 @@ class RoundFn:
     sums are combined with ``psum`` -- DrJAX's map/reduce shape written with
     ``jax.shard_map``). ``strategy="host_loop"``: jitted stages driven from Python, one
     device. Both draw the same random numbers and give the same results.
+
+    ``runs > 1`` (scan only): that many runs of the same shapes in one program, vmapped over
+    a leading runs axis of the server state, the store, the cohort, the key and the clients'
+    example index and sizes (the examples themselves are shared); with a ``runs_mesh`` the
+    runs are sharded over its ``runs`` axis and each run's cohort over ``clients``.
     """
 
     def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "scan",
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, runs: int = 1):
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        if runs > 1 and strategy != "scan":
+            raise ValueError("runs share one program only with the scan strategy")
         sharded = strategy == "scan" and mesh is not None and mesh.size > 1
-        self.strategy, self.cfg = strategy, cfg
+        self.strategy, self.cfg, self.runs = strategy, cfg, runs
         self.devices = mesh.size if sharded else 1
-        stages = _Stages(alg, cfg, CLIENTS_AXIS if sharded else None)
+        self.client_devices = mesh.shape[CLIENTS_AXIS] if sharded else 1  # a cohort's devices
+        stages = _Stages(alg, cfg, CLIENTS_AXIS if self.client_devices > 1 else None)
         jit = functools.partial(jax.jit, compiler_options=compiler_options(cfg))
         if strategy == "scan":
             program = functools.partial(_round_program, _InProgram(), stages)
+            if runs > 1:
+                program = jax.vmap(program, in_axes=(0, 0, ClientData(None, None, 0, 0), 0, 0))
             if sharded:
-                rep, split = PartitionSpec(), PartitionSpec(CLIENTS_AXIS)
-                cohort_spec = Cohort(split, split, split)
+                batch = (RUNS_AXIS,) if runs > 1 else ()
+                per_run, rep = PartitionSpec(*batch), PartitionSpec()
+                split = PartitionSpec(*batch, CLIENTS_AXIS)
+                data_spec = ClientData(rep, rep, per_run, per_run)
                 # check_vma=False: the mask's custom VJP returns theta * g, a cotangent that
                 # varies over devices for a theta that does not, which the type check rejects.
-                program = jax.shard_map(program, mesh=mesh, in_specs=(rep, rep, rep, cohort_spec, rep),
-                                        out_specs=rep, check_vma=False)
+                program = jax.shard_map(program, mesh=mesh,
+                                        in_specs=(per_run, per_run, data_spec, Cohort(split, split, split), per_run),
+                                        out_specs=per_run, check_vma=False)
             self._program = jit(program, donate_argnums=(0, 1))
         else:
             donate = {stages.step: (1,), stages.end_chunk: (6,)}
@@ -479,16 +508,17 @@ class RoundFn:
 
 
 def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "scan",
-                  mesh: Mesh | None = None) -> RoundFn:
+                  mesh: Mesh | None = None, runs: int = 1) -> RoundFn:
     """See ``RoundFn``."""
-    return RoundFn(alg, cfg, strategy, mesh)
+    return RoundFn(alg, cfg, strategy, mesh, runs)
 
 
 def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int,
-                 options: dict[str, str] | None = None):
+                 options: dict[str, str] | None = None, runs: int = 1):
     """Returns ``evaluate(server, x, y, key) -> {metric: mean over examples}``.
 
-    ``options``: XLA compiler options, e.g. ``compiler_options(cfg)``.
+    ``options``: XLA compiler options, e.g. ``compiler_options(cfg)``. ``runs > 1``: ``server``
+    and ``key`` have a leading runs axis, the metrics too (the test set is shared).
 
     The test set is scanned in batches; each batch gets its own key (so a sampled-mask
     evaluation draws a fresh mask per test batch, as the reference does).
@@ -514,6 +544,8 @@ def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int,
         sums, _ = jax.lax.scan(body, zero, (jnp.arange(nb), xb, yb, mb))
         return {k: v / m for k, v in sums.items()}
 
+    if runs > 1:
+        eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None, 0))
     return jax.jit(eval_fn, compiler_options=options)
 
 

@@ -1,14 +1,18 @@
-"""Build: a ``RunConfig`` becomes everything a run needs, and nothing is written anywhere.
+"""Build: settings become everything a run needs, and nothing is written anywhere.
 
 ``build(cfg)`` loads and splits the data, builds the model and the method, chooses the
 execution strategy and client chunk, makes the round and evaluation functions and the
-method's host hooks. ``experiments.run`` (through ``simulation.run``), the benchmark and the
-sweep all start from it.
+method's host hooks. ``build([cfg, ...])`` does the same for several runs that share every
+shape (``shape_key``): one compiled program trains them all, vmapped over a leading runs
+axis, each with its own seed, data split, initial state, cohorts, keys and the hyperparameters
+its method reads as values. ``experiments.run`` (through ``simulation.run``), the benchmark and
+the sweep all start from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Sequence
 
 import jax
@@ -16,78 +20,144 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fedmask_jax import config as config_lib
 from fedmask_jax import engine, keys, models
 from fedmask_jax.algorithms import registry
 from fedmask_jax.algorithms.base import FederatedAlgorithm, HostContext, HostHook, MethodSpec, PyTree
 from fedmask_jax.data import Dataset, holdout_validation, load_dataset, partition
 from fedmask_jax.run_config import RunConfig
 
+# Run settings that may differ between runs of one program: they shape only the data split
+# or the initial state (the methods' own such settings are marked ``vary=True``).
+RUN_VARYING = ("seed", "split", "classes_per_client", "dirichlet_alpha", "max_examples_per_client")
+# Settings that say where and how results are written, not what is computed.
+OUTPUT_ONLY = ("workdir", "verbose", "tensorboard", "checkpoint_every", "resume",
+               "allow_config_change", "data_dir", "archive_dir", "download")
+
+
+def shape_key(cfg: RunConfig) -> tuple:
+    """Runs with equal keys can share one compiled program (see ``build``)."""
+    spec = registry.spec(cfg.algorithm)
+    method = dataclasses.asdict(cfg.method_config)
+    fixed_method = tuple(sorted((k, v) for k, v in method.items() if k not in config_lib.varying(spec.config)))
+    run = dataclasses.asdict(cfg)
+    # A validation split is drawn by seed out of the training set: runs then differ in data.
+    skip = set(OUTPUT_ONLY) | {"method"} | (set(RUN_VARYING) - ({"seed"} if cfg.validation_fraction else set()))
+    fixed_run = tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in run.items() if k not in skip))
+    return fixed_run + fixed_method
+
+
 @dataclasses.dataclass
 class Experiment:
-    cfg: RunConfig
+    cfgs: list[RunConfig]  # one per run; they share every shape
     spec: MethodSpec
-    method_config: Any
+    method_configs: list[Any]
     dataset: Dataset
-    partition: list[np.ndarray]
+    partitions: list[list[np.ndarray]]
     architecture: models.Architecture
-    algorithm: FederatedAlgorithm
+    algorithm: FederatedAlgorithm  # run 0's: what the runs share is the same in all of them
+    algorithms: list[FederatedAlgorithm]  # each run's, for its initial state
     engine_config: engine.EngineConfig
     strategy: str
     mesh: Mesh
     round_fn: engine.RoundFn
     eval_fn: Any
-    data: engine.ClientData
+    data: engine.ClientData  # index and sizes with a leading runs axis when batched
     x_test: jax.Array
     y_test: jax.Array
-    hooks: Sequence[HostHook]
+    hooks: list[Sequence[HostHook]]  # each run's
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.cfgs[0]
+
+    @property
+    def runs(self) -> int:
+        return len(self.cfgs)
+
+    @property
+    def batched(self) -> bool:
+        return self.runs > 1
+
+    # For compatibility with single-run callers.
+    @property
+    def partition(self) -> list[np.ndarray]:
+        return self.partitions[0]
+
+    def _stack(self, trees: list) -> PyTree:
+        if not self.batched:
+            return trees[0]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+    def _place(self, tree, spec: PartitionSpec):
+        if self.mesh.size > 1:
+            return jax.device_put(tree, NamedSharding(self.mesh, spec))
+        return tree
+
+    def _runs_spec(self, *rest) -> PartitionSpec:
+        return PartitionSpec(engine.RUNS_AXIS, *rest) if self.batched else PartitionSpec(*rest)
 
     def initial_state(self) -> tuple[PyTree, PyTree]:
-        """(server state, every client's persistent state) before round 1."""
-        server = self.algorithm.server_init(keys.server_key(self.cfg.seed))
-        store = engine.init_store(self.algorithm, self.cfg.num_clients)
-        if self.mesh.size > 1:  # the compiled round expects exactly these placements
-            server, store = jax.device_put((server, store), NamedSharding(self.mesh, PartitionSpec()))
-        return server, store
+        """(server state, every client's persistent state) before round 1, per run."""
+        servers = [alg.server_init(keys.server_key(c.seed)) for alg, c in zip(self.algorithms, self.cfgs)]
+        stores = [engine.init_store(self.algorithm, c.num_clients) for c in self.cfgs]
+        return self._place((self._stack(servers), self._stack(stores)), self._runs_spec())
 
     def cohort(self, round_index: int) -> engine.Cohort:
-        cfg = self.cfg
-        clients = engine.sample_cohort(cfg.seed, round_index, cfg.num_clients, cfg.clients_per_round)
-        cohort = engine.make_cohort(clients, self.engine_config.client_chunk_size * self.round_fn.devices,
-                                    self.engine_config.collect, cfg.seed, round_index)
-        if self.round_fn.devices > 1:
-            return jax.device_put(cohort, NamedSharding(self.mesh, PartitionSpec(engine.CLIENTS_AXIS)))
+        multiple = self.engine_config.client_chunk_size * self.round_fn.client_devices
+        cohorts = [engine.make_cohort(engine.sample_cohort(c.seed, round_index, c.num_clients, c.clients_per_round),
+                                      multiple, self.engine_config.collect, c.seed, round_index)
+                   for c in self.cfgs]
+        cohort = engine.Cohort(*(np.stack(f) for f in zip(*cohorts))) if self.batched else cohorts[0]
+        if self.round_fn.client_devices > 1 or self.batched:
+            return self._place(cohort, self._runs_spec(engine.CLIENTS_AXIS) if self.round_fn.client_devices > 1
+                               else self._runs_spec())
         return cohort
 
     def round_key(self, round_index: int) -> jax.Array:
-        return keys.round_key(self.cfg.seed, round_index)
+        return self._stack([keys.round_key(c.seed, round_index) for c in self.cfgs])
 
     def eval_key(self, round_index: int) -> jax.Array:
-        return keys.eval_key(self.cfg.seed, round_index)
+        return self._stack([keys.eval_key(c.seed, round_index) for c in self.cfgs])
 
     def compile(self, server, store) -> float:
         """Compiles the round and the evaluation ahead of time; returns the seconds it took."""
-        import time
-
         t0 = time.perf_counter()
         self.round_fn.compile(server, store, self.data, self.cohort(0), self.round_key(0))
         self.eval_fn = self.eval_fn.lower(server, self.x_test, self.y_test, self.eval_key(0)).compile()
         return time.perf_counter() - t0
 
-    def evaluate(self, server, round_index: int) -> dict[str, float]:
+    def evaluate(self, server, round_index: int) -> list[dict[str, float]]:
+        """Each run's evaluation."""
         out = jax.device_get(self.eval_fn(server, self.x_test, self.y_test, self.eval_key(round_index)))
-        return {k: float(v) for k, v in out.items()}
+        if not self.batched:
+            return [{k: float(v) for k, v in out.items()}]
+        return [{k: float(v[i]) for k, v in out.items()} for i in range(self.runs)]
+
+    def metrics(self, output: engine.RoundOutput) -> list[dict[str, float]]:
+        """Each run's round metrics, on the host."""
+        out = jax.device_get(output.metrics)
+        if not self.batched:
+            return [{k: float(v) for k, v in out.items()}]
+        return [{k: float(v[i]) for k, v in out.items()} for i in range(self.runs)]
+
+    def run_view(self, tree, i: int):
+        """Run ``i``'s part of a batched pytree (a server state, a round's output)."""
+        return jax.tree.map(lambda a: a[i], tree) if self.batched else tree
 
     def describe(self) -> str:
         cfg = self.cfg
         what = "mask entries" if self.spec.masked else "parameters"
-        return (f"fedmask_jax: {cfg.algorithm} {cfg.model} on {cfg.dataset} "
+        runs = f"{self.runs} runs in one program, " if self.batched else ""
+        return (f"fedmask_jax: {runs}{cfg.algorithm} {cfg.model} on {cfg.dataset} "
                 f"({self.algorithm.num_params:,} {what}), {cfg.clients_per_round} of {cfg.num_clients} "
                 f"clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}, "
                 f"{self.round_fn.devices} device(s), backend {jax.default_backend()}")
 
     def close(self) -> None:
-        for hook in self.hooks:
-            hook.close()
+        for hooks in self.hooks:
+            for hook in hooks:
+                hook.close()
 
 
 def _check_partition(cfg: RunConfig, parts: Sequence[np.ndarray]) -> None:
@@ -100,46 +170,75 @@ def _check_partition(cfg: RunConfig, parts: Sequence[np.ndarray]) -> None:
                          f"client: {sizes.max()} examples); lower --batch_size or give clients more data")
 
 
-def build(cfg: RunConfig, *, dataset: Dataset | None = None, workdir: str | None = None) -> Experiment:
-    """Everything ``cfg`` describes, ready to run. ``dataset``: use this one instead of
-    loading ``cfg.dataset``; ``workdir``: where the method's hooks may write files (None:
-    nowhere)."""
+def _client_data(x: np.ndarray, y: np.ndarray, partitions: list[list[np.ndarray]]) -> engine.ClientData:
+    """The runs' client data: shared examples, each run's index padded to the longest client
+    of any run (padding changes no result: extra steps are masked) and stacked when several."""
+    width = max(len(p) for parts in partitions for p in parts)
+    datas = [engine.client_data_from_partition(x, y, parts, width=width) for parts in partitions]
+    if len(datas) == 1:
+        return datas[0]
+    return datas[0]._replace(index=jnp.stack([d.index for d in datas]), sizes=jnp.stack([d.sizes for d in datas]))
+
+
+def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = None,
+          workdirs: str | Sequence[str | None] | None = None) -> Experiment:
+    """Everything ``cfgs`` describe, ready to run. ``dataset``: use this one instead of
+    loading it; ``workdirs``: where each run's hooks may write files (None: nowhere)."""
+    cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
+    workdirs = [workdirs] * len(cfgs) if workdirs is None or isinstance(workdirs, str) else list(workdirs)
+    cfg = cfgs[0]
+    if len({shape_key(c) for c in cfgs}) != 1:
+        raise ValueError("runs in one program must share every setting but the ones that may vary")
     if dataset is None:
         dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir,
                                archive_dirs=[cfg.archive_dir] if cfg.archive_dir else [],
                                download=cfg.download)
-    if cfg.split == "noniid" and cfg.classes_per_client > dataset.num_classes:
-        raise ValueError(f"--classes_per_client={cfg.classes_per_client} is more than the "
-                         f"{dataset.num_classes} classes of --dataset={cfg.dataset}; choose at most "
-                         f"{dataset.num_classes}")
-    if cfg.validation_fraction > 0:  # tuning: evaluate on held-out training data
+    partitions = []
+    for c in cfgs:
+        if c.split == "noniid" and c.classes_per_client > dataset.num_classes:
+            raise ValueError(f"--classes_per_client={c.classes_per_client} is more than the "
+                             f"{dataset.num_classes} classes of --dataset={c.dataset}; choose at most "
+                             f"{dataset.num_classes}")
+        ds = holdout_validation(dataset, c.validation_fraction, c.seed) if c.validation_fraction > 0 else dataset
+        parts = partition(ds.y_train, c.num_clients, c.split, seed=c.seed,
+                          classes_per_client=c.classes_per_client, dirichlet_alpha=c.dirichlet_alpha,
+                          max_examples_per_client=c.max_examples_per_client or None)
+        _check_partition(c, parts)
+        partitions.append(parts)
+    if cfg.validation_fraction > 0:  # tuning: evaluate on held-out training data (same seed in a batch)
         dataset = holdout_validation(dataset, cfg.validation_fraction, cfg.seed)
-    parts = partition(dataset.y_train, cfg.num_clients, cfg.split, seed=cfg.seed,
-                      classes_per_client=cfg.classes_per_client, dirichlet_alpha=cfg.dirichlet_alpha,
-                      max_examples_per_client=cfg.max_examples_per_client or None)
-    _check_partition(cfg, parts)
 
-    spec, method_config = registry.spec(cfg.algorithm), cfg.method_config
+    spec = registry.spec(cfg.algorithm)
+    method_configs = [c.method_config for c in cfgs]
     arch = models.Architecture(cfg.model, dataset.num_classes, dataset.input_shape, cfg.width,
                                tuple(cfg.mlp_hidden))
-    algorithm = spec.build(arch, method_config)
-    hooks = list(spec.host_hooks(HostContext(algorithm, method_config, arch, cfg.seed,
-                                             cfg.clients_per_round, workdir, cfg.verbose)))
+    algorithms = [spec.build(arch, m) for m in method_configs]
+    hooks = [list(spec.host_hooks(HostContext(alg, m, arch, c.seed, c.clients_per_round, w, c.verbose)))
+             for alg, m, c, w in zip(algorithms, method_configs, cfgs, workdirs)]
 
     backend = jax.default_backend()
     strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(conv=arch.conv, backend=backend)
+    if len(cfgs) > 1 and strategy != "scan":
+        raise ValueError(f"runs share one program only with --strategy=scan (this one is {strategy}); "
+                         "run them one at a time")
+    # Each run is chunked as it would be alone, so that it computes the same sums.
     chunk = cfg.client_chunk_size or engine.auto_chunk_size(
-        cfg.clients_per_round, algorithm.num_params, conv=arch.conv, backend=backend)
+        cfg.clients_per_round, algorithms[0].num_params, conv=arch.conv, backend=backend)
     engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk,
                                         cpu_ynn_fusions=cfg.cpu_ynn_fusions,
-                                        collect=max([h.collect for h in hooks], default=0))
-    # The host loop drives one device; the scanned round shards clients over the mesh.
-    mesh = engine.clients_mesh(cfg.num_devices if strategy == "scan" else 1)
-    round_fn = engine.make_round_fn(algorithm, engine_config, strategy, mesh)
-    eval_fn = engine.make_eval_fn(algorithm, cfg.eval_batch_size, engine.compiler_options(engine_config))
-    data = engine.client_data_from_partition(dataset.x_train, dataset.y_train, parts)
+                                        collect=max([h.collect for h in hooks[0]], default=0))
+    if len(cfgs) > 1:
+        mesh = engine.runs_mesh(len(cfgs), cfg.num_devices)
+    else:  # the host loop drives one device; the scanned round shards clients over the mesh
+        mesh = engine.clients_mesh(cfg.num_devices if strategy == "scan" else 1)
+    round_fn = engine.make_round_fn(algorithms[0], engine_config, strategy, mesh, runs=len(cfgs))
+    eval_fn = engine.make_eval_fn(algorithms[0], cfg.eval_batch_size, engine.compiler_options(engine_config),
+                                  runs=len(cfgs))
+    data = _client_data(dataset.x_train, dataset.y_train, partitions)
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test, jnp.int32)
+    exp = Experiment(cfgs, spec, method_configs, dataset, partitions, arch, algorithms[0], algorithms,
+                     engine_config, strategy, mesh, round_fn, eval_fn, data, x_test, y_test, hooks)
     if mesh.size > 1:
-        data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
-    return Experiment(cfg, spec, method_config, dataset, parts, arch, algorithm, engine_config,
-                      strategy, mesh, round_fn, eval_fn, data, x_test, y_test, hooks)
+        rep, per_run = PartitionSpec(), exp._runs_spec()
+        exp.data = jax.device_put(data, engine.ClientData(*(NamedSharding(mesh, s) for s in (rep, rep, per_run, per_run))))
+    return exp

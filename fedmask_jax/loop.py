@@ -3,7 +3,9 @@ record -> sinks, with evaluation and checkpoints on their cadence.
 
 It knows nothing about methods. A method's host work comes in through its ``HostHook``s; a
 hook may answer a round with a ``Future`` (work that overlaps the next round), so records
-wait in ``_InOrder`` until complete and reach the history and the sinks in round order.
+wait in ``_InOrder`` until complete and reach the history and the sinks in round order. An
+experiment may hold several runs of one program (a sweep's batch): each has its own records,
+hooks, sinks and history, and a run that diverges stops recording while the others go on.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ import dataclasses
 import sys
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
-
-import jax
+from typing import Any, Callable, NamedTuple, Sequence
 
 from fedmask_jax.algorithms.base import PyTree
 from fedmask_jax.experiment import Experiment
@@ -24,9 +24,20 @@ from fedmask_jax.sinks import Sink
 
 @dataclasses.dataclass
 class RunState:
-    server: PyTree
+    server: PyTree  # with a leading runs axis when the experiment holds several runs
     store: PyTree
-    history: History
+    histories: list[History]
+
+    @property
+    def history(self) -> History:
+        return self.histories[0]
+
+
+class RoundView(NamedTuple):
+    """What a run's hooks see of a round: its collected messages and its metrics."""
+
+    collected: Any
+    metrics: dict[str, float]
 
 
 class _InOrder:
@@ -54,47 +65,58 @@ class _InOrder:
                 sink.round(record.flat(), record.evaluation is not None)
 
 
-def run_rounds(exp: Experiment, state: RunState, sinks: Sequence[Sink], *,
+def run_rounds(exp: Experiment, state: RunState, sinks: Sequence[Sequence[Sink]], *,
                save: Callable[[RunState], None] | None = None) -> RunState:
-    """Runs rounds ``state.history.rounds_done + 1 .. cfg.rounds`` (stopping early if the
-    loss turns non-finite); ``save(state)`` is called every ``cfg.checkpoint_every`` rounds."""
-    cfg, t_start = exp.cfg, time.perf_counter()
+    """Runs rounds ``rounds done + 1 .. cfg.rounds`` of every run (``sinks[i]``: run i's),
+    each stopping early if its loss turns non-finite; ``save(state)`` every
+    ``cfg.checkpoint_every`` rounds."""
+    cfg, runs, t_start = exp.cfg, range(exp.runs), time.perf_counter()
     t_last = t_start
-    out = _InOrder(state.history, sinks)
-    totals = state.history.totals()
+    outs = [_InOrder(h, s) for h, s in zip(state.histories, sinks)]
+    totals = [h.totals() for h in state.histories]
+    live = [h.diverged_at() is None for h in state.histories]
     entries = exp.algorithm.num_params * cfg.clients_per_round
-    for r in range(state.history.rounds_done, cfg.rounds):
-        tickets = [hook.before_round(r, state.server) for hook in exp.hooks]
+    for r in range(max(h.rounds_done for h in state.histories), cfg.rounds):
+        tickets = [[h.before_round(r, exp.run_view(state.server, i)) for h in exp.hooks[i]] if live[i] else []
+                   for i in runs]
         t0 = time.perf_counter()
         result = exp.round_fn(state.server, state.store, exp.data, exp.cohort(r), exp.round_key(r))
-        metrics = {k: float(v) for k, v in jax.device_get(result.metrics).items()}
-        fields: dict[str, Any] = {"algorithm": cfg.algorithm, **metrics,
-                                  "round_time_s": time.perf_counter() - t0}
-        for key in [k for k in metrics if k.startswith("uplink_bpp")]:  # the whole cohort's bits
-            total = "cumulative_uplink_bits" + key[len("uplink_bpp"):]
-            fields[total] = totals[total] = totals.get(total, 0.0) + metrics[key] * entries
-        parts = [hook.after_round(r, result, ticket) for hook, ticket in zip(exp.hooks, tickets)]
-        state = RunState(result.server, result.store, state.history)
-        diverged = not finite(metrics["train_loss"])  # the aggregate is poisoned: evaluate, stop
-        evaluation = None
-        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds or diverged:
-            t_eval = time.perf_counter()
-            evaluation = exp.evaluate(state.server, r)
-            fields.update(eval_time_s=time.perf_counter() - t_eval, elapsed_s=time.perf_counter() - t_start)
-            diverged = diverged or not finite(evaluation["test_loss"])
-        if diverged:
-            fields["diverged"] = True
-        # Wall time since the last round's record: the round, its evaluation and any wait for
-        # the host's work on the rounds before it (round_time_s is the round alone).
-        fields["wall_time_s"], t_last = time.perf_counter() - t_last, time.perf_counter()
-        out.add(RoundRecord(r + 1, fields, evaluation), parts)
-        out.emit(keep=1)  # host work may lag the rounds by one round, no more
+        metrics = exp.metrics(result)
+        round_time = time.perf_counter() - t0
+        state = RunState(result.server, result.store, state.histories)
+        diverged = [not finite(m["train_loss"]) for m in metrics]  # the aggregate is poisoned
+        due = (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
+        t_eval = time.perf_counter()
+        evaluations = exp.evaluate(state.server, r) if due or any(map(all, zip(live, diverged))) else None
+        eval_time = time.perf_counter() - t_eval
+        for i in (i for i in runs if live[i]):
+            fields: dict[str, Any] = {"algorithm": cfg.algorithm, **metrics[i], "round_time_s": round_time}
+            for key in [k for k in metrics[i] if k.startswith("uplink_bpp")]:  # the whole cohort's bits
+                total = "cumulative_uplink_bits" + key[len("uplink_bpp"):]
+                fields[total] = totals[i][total] = totals[i].get(total, 0.0) + metrics[i][key] * entries
+            view = RoundView(exp.run_view(result.collected, i), metrics[i])
+            parts = [hook.after_round(r, view, ticket) for hook, ticket in zip(exp.hooks[i], tickets[i])]
+            evaluation = evaluations[i] if due or diverged[i] else None
+            if evaluation is not None:
+                fields.update(eval_time_s=eval_time, elapsed_s=time.perf_counter() - t_start)
+                diverged[i] = diverged[i] or not finite(evaluation["test_loss"])
+            if diverged[i]:
+                fields["diverged"], live[i] = True, False
+                print(f"warning: {cfg.algorithm} diverged at round {r + 1} (non-finite loss) in "
+                      f"{exp.cfgs[i].workdir}; stopping it. Lower the learning rates (--client_lr, "
+                      "--server_lr).", file=sys.stderr, flush=True)
+            # Wall time since the last round's record: the round, its evaluation and any wait
+            # for the host's work on the rounds before it (round_time_s is the round alone).
+            fields["wall_time_s"] = time.perf_counter() - t_last
+            outs[i].add(RoundRecord(r + 1, fields, evaluation), parts)
+            outs[i].emit(keep=1)  # host work may lag the rounds by one round, no more
+        t_last = time.perf_counter()
         if save and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
-            out.emit()
+            for out in outs:
+                out.emit()
             save(state)
-        if diverged:
-            print(f"warning: {cfg.algorithm} diverged at round {r + 1} (non-finite loss); stopping the "
-                  "run. Lower the learning rates (--client_lr, --server_lr).", file=sys.stderr, flush=True)
+        if not any(live):
             break
-    out.emit()
+    for out in outs:
+        out.emit()
     return state

@@ -7,11 +7,12 @@ pieces together and knows no method: what a method does on the host arrives as h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 
@@ -20,7 +21,7 @@ from fedmask_jax.checkpoints import Checkpointer
 from fedmask_jax.history import History
 from fedmask_jax.run_config import RESUME_NEUTRAL, RunConfig
 
-__all__ = ["Outcome", "RunConfig", "execute", "run"]
+__all__ = ["Outcome", "RunConfig", "execute", "execute_runs", "run"]
 
 
 class Outcome(NamedTuple):
@@ -36,63 +37,99 @@ def run(cfg: RunConfig, extra_sinks: tuple[sinks.Sink, ...] = ()) -> dict:
 
 def execute(cfg: RunConfig, extra_sinks: tuple[sinks.Sink, ...] = ()) -> Outcome:
     """``run``, also handing back what it built and where it ended."""
+    summaries, exp, state = execute_runs([cfg], extra_sinks=[tuple(extra_sinks)])
+    return Outcome(summaries[0], exp, state)
+
+
+def execute_runs(cfgs: Sequence[RunConfig], *, batch_dir: str | None = None,
+                 extra_sinks: Sequence[tuple[sinks.Sink, ...]] | None = None,
+                 console_to_log: str | None = None):
+    """Runs ``cfgs`` -- one run, or several sharing every shape, as one program -- each into
+    its own workdir; returns (their summaries, the experiment, the final state).
+
+    A batch keeps its checkpoints in ``batch_dir`` (a single run in its workdir);
+    ``console_to_log``: each run's console lines go to this file in its workdir instead of
+    stdout.
+    """
     t_start = time.perf_counter()
-    workdir = outputs.ensure_writable_dir(cfg.workdir)
-    with outputs.WorkdirLock(workdir):
-        return _execute(cfg, workdir, t_start, extra_sinks)
+    workdirs = [outputs.ensure_writable_dir(c.workdir) for c in cfgs]
+    if len(set(workdirs)) != len(workdirs):
+        raise ValueError("runs in one program need one --workdir each")
+    holder = workdirs[0] if len(cfgs) == 1 else outputs.ensure_writable_dir(batch_dir, "batch folder")
+    with contextlib.ExitStack() as locks:
+        for folder in dict.fromkeys([holder, *workdirs]):
+            locks.enter_context(outputs.WorkdirLock(folder))
+        return _execute(list(cfgs), workdirs, Checkpointer(holder), t_start,
+                        extra_sinks or [()] * len(cfgs), console_to_log)
 
 
-def _execute(cfg: RunConfig, workdir: str, t_start: float, extra_sinks) -> Outcome:
-    checkpointer = Checkpointer(workdir)
-    if cfg.resume:
-        _check_same_config(cfg, workdir)
-    exp = experiment.build(cfg, workdir=workdir)
+def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log):
+    resume = cfgs[0].resume
+    if resume:
+        for c, w in zip(cfgs, workdirs):
+            _check_same_config(c, w)
+    exp = experiment.build(cfgs, workdirs=workdirs)
+    logs = []
     try:
         server, store = exp.initial_state()
-        history, start, notes, restored = History(), 0, [], None
-        if cfg.resume:  # before compiling: a workdir that cannot be resumed fails at once
-            restored = checkpointer.restore_latest(server, store)
+        histories, start, notes, restored = [History() for _ in cfgs], 0, [], None
+        if resume:  # before compiling: a workdir that cannot be resumed fails at once
+            restored = checkpointer.restore_latest(server, store, exp.runs)
         if restored is not None:
-            start, server, store, history, notes = restored
+            start, server, store, histories, notes = restored
         compile_s = exp.compile(server, store)
         header = [exp.describe() + f"; compiled in {compile_s:.1f}s",
-                  *filter(None, (h.header() for h in exp.hooks))]
-        if cfg.resume:
+                  *filter(None, (h.header() for h in exp.hooks[0]))]
+        if resume:
             header += [f"resume: passed over {n}" for n in notes]
             header.append(f"resume: continuing after round {start} from {checkpointer.folder}"
                           if restored is not None else f"resume: no checkpoint in {checkpointer.folder}; starting afresh")
         else:
             checkpointer.clear()
-        _write_config_record(exp, workdir)
-        outs = [*sinks.default_sinks(workdir, cfg.rounds, start, verbose=cfg.verbose,
-                                     tensorboard=cfg.tensorboard), *extra_sinks]
-        for sink in outs:
-            sink.open(header)
-        save = lambda s: checkpointer.save(s.history.rounds_done, s.server, s.store, s.history)  # noqa: E731
+        outs = []
+        for i, (c, w) in enumerate(zip(cfgs, workdirs)):
+            _write_config_record(exp, i, w)
+            log = open(os.path.join(w, console_to_log), "a") if console_to_log and c.verbose else None
+            logs += [log] if log else []
+            run_sinks = [*sinks.default_sinks(w, c.rounds, histories[i].rounds_done, verbose=c.verbose,
+                                              tensorboard=c.tensorboard, console=log),
+                         *extra_sinks[i]]
+            for sink in run_sinks:
+                sink.open(header)
+            outs.append(run_sinks)
+        save = lambda s: checkpointer.save(max(h.rounds_done for h in s.histories), s.server, s.store,  # noqa: E731
+                                           s.histories)
         try:
-            state = loop.run_rounds(exp, loop.RunState(server, store, history), outs, save=save)
+            state = loop.run_rounds(exp, loop.RunState(server, store, histories), outs, save=save)
         except BaseException:
-            for sink in outs:
-                sink.close(None)
+            for run_sinks in outs:
+                for sink in run_sinks:
+                    sink.close(None)
             raise
-        summary = _summary(exp, state, compile_s, time.perf_counter() - t_start, workdir)
-        for sink in outs:
-            summary.update(sink.close(summary))
-        return Outcome(summary, exp, state)
+        summaries = []
+        for i, (w, run_sinks) in enumerate(zip(workdirs, outs)):
+            summary = _summary(exp, i, state, compile_s, time.perf_counter() - t_start, w)
+            for sink in run_sinks:
+                summary.update(sink.close(summary))
+            summaries.append(summary)
+        return summaries, exp, state
     finally:
+        for log in logs:
+            log.close()
         exp.close()
 
 
-def _summary(exp: experiment.Experiment, state: loop.RunState, compile_s: float, total_s: float,
-             workdir: str) -> dict:
-    cfg, history = exp.cfg, state.history
+def _summary(exp: experiment.Experiment, i: int, state: loop.RunState, compile_s: float,
+             total_s: float, workdir: str) -> dict:
+    cfg, history = exp.cfgs[i], state.histories[i]
     times, walls = history.round_times(), history.values("wall_time_s")
+    server = exp.run_view(state.server, i)
     summary = {
         **{f"final_{k}": v for k, v in history.last_evaluation().items()},
         "eval_split": "validation" if cfg.validation_fraction > 0 else "test",
         **history.means(("uplink_bpp", "downlink_bpp")),
         "total_uplink_bits": history.totals().get("cumulative_uplink_bits", 0.0),
-        **{k: v for hook in exp.hooks for k, v in hook.finish(state.server, history).items()},
+        **{k: v for hook in exp.hooks[i] for k, v in hook.finish(server, history).items()},
         "rounds": cfg.rounds,
         "rounds_completed": history.rounds_done,
         "diverged_at_round": history.diverged_at(),
@@ -106,11 +143,12 @@ def _summary(exp: experiment.Experiment, state: loop.RunState, compile_s: float,
         "client_chunk_size": exp.engine_config.client_chunk_size,
         "strategy": exp.strategy,
         "num_devices": exp.round_fn.devices,
+        "runs_in_program": exp.runs,
         "backend": jax.default_backend(),
         "compile_time_s": compile_s,
-        "first_round_time_s": times[0],
-        "steady_round_time_s": statistics.median(times[1:] or times),
-        "steady_wall_time_s": statistics.median(walls[1:] or walls),
+        "first_round_time_s": times[0] if times else None,
+        "steady_round_time_s": statistics.median(times[1:] or times) if times else None,
+        "steady_wall_time_s": statistics.median(walls[1:] or walls) if walls else None,
         "total_time_s": total_s,
         "workdir": workdir,
         "config": cfg.record(),
@@ -142,7 +180,7 @@ def _flatten(record: dict) -> dict:
     return out
 
 
-def _write_config_record(exp: experiment.Experiment, workdir: str) -> None:
+def _write_config_record(exp: experiment.Experiment, i: int, workdir: str) -> None:
     """<workdir>/config.json: every resolved setting and the package versions."""
     from importlib import metadata
 
@@ -154,8 +192,8 @@ def _write_config_record(exp: experiment.Experiment, workdir: str) -> None:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     outputs.write_json_atomic(os.path.join(workdir, "config.json"), {
-        "config": exp.cfg.record(), "versions": versions, "backend": jax.default_backend(),
+        "config": exp.cfgs[i].record(), "versions": versions, "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()], "strategy": exp.strategy,
         "client_chunk_size": exp.engine_config.client_chunk_size,
-        "collected_messages_per_round": exp.engine_config.collect,
+        "collected_messages_per_round": exp.engine_config.collect, "runs_in_program": exp.runs,
     })

@@ -191,9 +191,10 @@ class SummaryFile(Sink):
 
 
 def default_sinks(workdir: str, total_rounds: int, start_round: int, *, verbose: bool,
-                  tensorboard: bool) -> list[Sink]:
-    """What ``experiments.run`` writes: console, metrics.jsonl, TensorBoard, plots, summary."""
-    sinks: list[Sink] = [Console(total_rounds)] if verbose else []
+                  tensorboard: bool, console: TextIO | None = None) -> list[Sink]:
+    """What ``experiments.run`` writes: console (stdout, or ``console``), metrics.jsonl,
+    TensorBoard, plots, summary."""
+    sinks: list[Sink] = [Console(total_rounds, console)] if verbose else []
     sinks.append(MetricsJsonl(os.path.join(workdir, "metrics.jsonl"), keep_until=start_round))
     if tensorboard:
         sinks.append(TensorBoard(os.path.join(workdir, "tensorboard"), start_round))

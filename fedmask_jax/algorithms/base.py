@@ -87,10 +87,12 @@ class HostHook:
     """Host-side work a method needs around the rounds; every method has a default.
 
     ``collect``: how many clients' messages per round the hook wants to see
-    (``RoundOutput.collected``). ``before_round`` runs before the round is launched and may
-    return a ticket (e.g. a copy of what the server broadcasts) handed to ``after_round``.
-    ``after_round`` returns record fields, or a ``Future`` of them for work that overlaps
-    the next round; a failure raises ``RunFault``. ``finish`` returns summary fields.
+    (``RoundOutput.collected``). ``before_round`` runs before the round is launched, with the
+    run's server state, and may return a ticket (e.g. a copy of what the server broadcasts)
+    handed to ``after_round``, which sees the run's collected messages and metrics
+    (``loop.RoundView``) and returns record fields, or a ``Future`` of them for work that
+    overlaps the next round; a failure raises ``RunFault``. ``finish`` returns summary
+    fields.
     """
 
     collect: int = 0
