@@ -1,0 +1,129 @@
+"""Several runs in one program (a leading runs axis) give each run the metrics it gives alone."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedmask_jax import experiment
+from fedmask_jax.run_config import RunConfig
+from fedmask_jax.simulation import execute_runs, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("test_accuracy", "test_loss", "train_loss", "uplink_bpp", "cumulative_uplink_bits")
+MASK_KEYS = ("test_accuracy_thresholded", "mask_density", "uplink_bpp_coded_prior", "uplink_bpp_coded_global")
+
+BASE = RunConfig(dataset="digits", mlp_hidden=(32,), num_clients=6, clients_per_round=4, rounds=2,
+                 local_epochs=1, batch_size=32, verbose=False, tensorboard=False)
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _batch_vs_alone(tmp_path, cfgs, keys):
+    batch = [dataclasses.replace(c, workdir=str(tmp_path / f"b{i}")) for i, c in enumerate(cfgs)]
+    summaries, exp, _ = execute_runs(batch, batch_dir=str(tmp_path / "batch"))
+    assert exp.runs == len(cfgs) and exp.round_fn.runs == len(cfgs)
+    assert [s["runs_in_program"] for s in summaries] == [len(cfgs)] * len(cfgs)
+    finals = []
+    for i, c in enumerate(cfgs):
+        alone = run(dataclasses.replace(c, workdir=str(tmp_path / f"a{i}")))
+        assert alone["runs_in_program"] == 1
+        a, b = _rows(tmp_path / f"a{i}"), _rows(tmp_path / f"b{i}")
+        assert len(a) == len(b) == c.rounds
+        for ra, rb in zip(a, b):
+            for k in keys:  # the same arithmetic, vmapped: equal to float32 rounding
+                assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (i, ra["round"], k)
+        finals.append(a[-1])
+        assert summaries[i]["final_test_accuracy"] == pytest.approx(alone["final_test_accuracy"], abs=1e-7)
+        assert summaries[i]["seed"] == c.seed and summaries[i]["workdir"] == str(tmp_path / f"b{i}")
+    # The runs really differ (a batch that ran run 0 thrice would match nothing above but run 0).
+    assert len({round(f["train_loss"], 7) for f in finals}) == len(cfgs)
+
+
+def test_fedpm_runs_in_one_program_match_each_alone(tmp_path):
+    cfgs = [dataclasses.replace(BASE, seed=0, method={"client_lr": 0.05}),
+            dataclasses.replace(BASE, seed=1, method={"client_lr": 0.2}),
+            dataclasses.replace(BASE, seed=2, split="dirichlet",
+                                method={"epsilon": 0.02, "lambda0": 2.0, "prior_reset_period": 2})]
+    _batch_vs_alone(tmp_path, cfgs, KEYS + MASK_KEYS)
+
+
+def test_dense_runs_in_one_program_match_each_alone(tmp_path):
+    dense = dataclasses.replace(BASE, algorithm="fedavg")
+    cfgs = [dataclasses.replace(dense, seed=3, method={"client_lr": 0.05}),
+            dataclasses.replace(dense, seed=4, method={"client_lr": 0.1, "server_lr": 0.5,
+                                                      "server_momentum": 0.9})]
+    _batch_vs_alone(tmp_path, cfgs, KEYS)
+
+
+def test_shape_key_groups_what_can_share_a_program():
+    key = experiment.shape_key
+    assert key(BASE) == key(dataclasses.replace(BASE, seed=5, workdir="x", method={"client_lr": 0.3,
+                                                                                 "lambda0": 3.0}))
+    assert key(BASE) == key(dataclasses.replace(BASE, split="noniid", classes_per_client=2))
+    for changed in ({"batch_size": 16}, {"clients_per_round": 3}, {"local_epochs": 2}, {"mlp_hidden": (16,)},
+                    {"algorithm": "fedavg"}, {"method": {"verify_coded_clients": "2"}}):
+        assert key(BASE) != key(dataclasses.replace(BASE, **changed)), changed
+    # Tuning on a validation split drawn by seed: the evaluated data differs, so seeds don't share.
+    tune = dataclasses.replace(BASE, validation_fraction=0.1)
+    assert key(tune) != key(dataclasses.replace(tune, seed=1))
+
+
+def test_runs_that_differ_in_shape_are_refused_before_building():
+    with pytest.raises(ValueError, match="share every setting"):
+        experiment.build([BASE, dataclasses.replace(BASE, batch_size=16)])
+
+
+EIGHT_DEVICES = r"""
+import dataclasses, json, sys
+import jax
+assert len(jax.devices()) == 8, jax.devices()
+from fedmask_jax.run_config import RunConfig
+from fedmask_jax.simulation import execute_runs, run
+d = sys.argv[1]
+base = RunConfig(dataset="digits", mlp_hidden=(32,), num_clients=8, clients_per_round=4, rounds=2,
+                 local_epochs=1, batch_size=32, verbose=False, tensorboard=False, client_chunk_size=1)
+cfgs = [dataclasses.replace(base, algorithm="fedpm", seed=0, method={"client_lr": 0.05}),
+        dataclasses.replace(base, algorithm="fedpm", seed=1, method={"client_lr": 0.2}),
+        dataclasses.replace(base, algorithm="fedpm", seed=2, split="dirichlet"),
+        dataclasses.replace(base, algorithm="fedpm", seed=3, method={"lambda0": 2.0})]
+dense = [dataclasses.replace(base, algorithm="fedavg", seed=s, method={"client_lr": lr})
+         for s, lr in ((0, 0.05), (1, 0.1))]
+out = {}
+for name, group in (("fedpm", cfgs), ("fedavg", dense)):
+    batch = [dataclasses.replace(c, workdir=f"{d}/{name}_b{i}") for i, c in enumerate(group)]
+    summaries, exp, _ = execute_runs(batch, batch_dir=f"{d}/{name}_batch")
+    out[name] = {"mesh": dict(exp.mesh.shape), "batch": [], "alone": []}
+    for i, c in enumerate(group):
+        run(dataclasses.replace(c, num_devices=1, workdir=f"{d}/{name}_a{i}"))
+        for kind, w in (("batch", f"{d}/{name}_b{i}"), ("alone", f"{d}/{name}_a{i}")):
+            out[name][kind].append([json.loads(l) for l in open(w + "/metrics.jsonl")])
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_runs_sharded_over_eight_devices_match_each_alone_on_one(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    # 4 runs: 4 devices on runs x 2 on clients; 2 runs: 2 x 4.
+    assert out["fedpm"]["mesh"] == {"runs": 4, "clients": 2}
+    assert out["fedavg"]["mesh"] == {"runs": 2, "clients": 4}
+    for name, keys in (("fedpm", KEYS + MASK_KEYS), ("fedavg", KEYS)):
+        for batch, alone in zip(out[name]["batch"], out[name]["alone"]):
+            assert len(batch) == len(alone) == 2
+            for rb, ra in zip(batch, alone):
+                for k in keys:  # psum over clients sums in another order than one device
+                    assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (name, k)
+        assert len({np.round(r[-1]["train_loss"], 6) for r in out[name]["batch"]}) == len(out[name]["batch"])
