@@ -1,4 +1,5 @@
-"""Launching one experiments.run as a subprocess (shared by the sweep and the comparison)."""
+"""Launching experiments.run points: as a subprocess each, or parsed into settings for a
+batch (shared by the sweep and the comparison)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,34 @@ import sys
 LOG_NAME = "sweep_log.txt"
 
 
+def point_argv(point: dict[str, str], workdir: str, passthrough: list[str]) -> list[str]:
+    """experiments.run's arguments for ``point``: ``passthrough``, then the point's flags, its
+    workdir and ``--resume`` (later flags win)."""
+    return [*passthrough, *(f"--{k}={v}" for k, v in point.items()), f"--workdir={workdir}", "--resume"]
+
+
+def parse_point(argv: list[str]):
+    """The ``RunConfig`` experiments.run would run with ``argv`` (a ValueError if it would
+    refuse them). Flags that are not experiments.run's (absl's own) are left alone."""
+    from absl import flags
+
+    from fedmask_jax.run_config import config_from_flags, define_flags
+
+    values = flags.FlagValues()
+    define_flags(values)
+    try:
+        values(["experiments.run", *argv], known_only=True)
+    except flags.Error as e:
+        raise ValueError(str(e)) from None
+    return config_from_flags(values)
+
+
 def run_point(point: dict[str, str], workdir: str, passthrough: list[str]) -> int:
     """Runs ``experiments.run`` with ``passthrough`` then ``point``'s flags in ``workdir`` with
     ``--resume`` (so a finished or interrupted run is continued, not redone); its output is
     appended to ``<workdir>/sweep_log.txt``. Returns the exit code."""
     os.makedirs(workdir, exist_ok=True)
-    cmd = [sys.executable, "-m", "experiments.run", *passthrough,
-           *(f"--{k}={v}" for k, v in point.items()), f"--workdir={workdir}", "--resume"]
+    cmd = [sys.executable, "-m", "experiments.run", *point_argv(point, workdir, passthrough)]
     with open(os.path.join(workdir, LOG_NAME), "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()

@@ -1,11 +1,16 @@
-"""Runs a grid of experiments.run configurations, one subprocess per point.
+"""Runs a grid of experiments.run configurations.
 
     python -m experiments.sweep --flagfile=experiments/configs/quickstart.flags \
-        --sweep='clients_per_round=5,10;split=iid,dirichlet' --sweep_dir=runs/sweep
+        --sweep='seed=0,1,2;client_lr=0.03,0.1' --sweep_dir=runs/sweep
 
-Every point gets its own workdir under --sweep_dir and runs with --resume, so re-running the
-same command skips finished points and continues interrupted ones; a failed point is
-recorded and the others go on. At the end the sweep writes sweep.csv, sweep.md and overlay
+Points that share every shape (``experiment.shape_key``: they differ only in seed, split and
+the hyperparameters a method reads as values) run as one compiled program with a leading runs
+axis (experiments.run_batch, one subprocess per group, at most --max_runs_per_program runs
+per program); every other point, and every point with --novectorize, runs alone in its own
+experiments.run subprocess. Either way each point gets its own workdir under --sweep_dir with
+the outputs experiments.run writes, and runs with --resume, so re-running the same command
+skips finished points and continues interrupted ones (a batch from its own checkpoints in
+--sweep_dir/.batches); a failed point is recorded and the others go on. At the end the sweep writes sweep.csv, sweep.md and overlay
 plots. --shard=i/n runs only every n-th point starting at i (to spread points over hosts or
 accelerators); --report_only rebuilds the table from whatever has finished.
 """
@@ -21,15 +26,21 @@ import sys
 from absl import app, flags, logging
 
 from experiments import run as run_flags  # noqa: F401 -- defines the flags a point may set
-from experiments.launch import outcome, run_point
+from experiments.launch import LOG_NAME, outcome, parse_point, point_argv, run_point
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Grid: 'flag=v1,v2;other=a,b' (the cross product is run).")
 flags.DEFINE_string("sweep_dir", "runs/sweep", "Folder holding one workdir per point and the table.")
 flags.DEFINE_string("shard", "0/1", "i/n: run only points whose index is i modulo n.")
 flags.DEFINE_bool("report_only", False, "Only rebuild the table and plots from finished points.")
+flags.DEFINE_bool("vectorize", True, "Run points that share every shape as one program; "
+                  "--novectorize: one process per point.")
+flags.DEFINE_integer("max_runs_per_program", 0, "At most this many points in one program "
+                     "(0 = as many as fit the memory budget of client chunks).", lower_bound=0)
 
-_OWN = ("--sweep", "--sweep_dir", "--shard", "--report_only", "--noreport_only", "--workdir")
+_OWN = ("--sweep", "--sweep_dir", "--shard", "--report_only", "--noreport_only", "--workdir",
+        "--vectorize", "--novectorize", "--max_runs_per_program")
+CANNOT_SHARE = 5  # experiments.run_batch: these points cannot share a program here
 COLUMNS = ["final_test_accuracy", "final_test_accuracy_thresholded", "mean_uplink_bpp",
            "mean_uplink_bpp_coded_prior", "final_model_file_bpp", "steady_round_time_s",
            "total_time_s", "diverged_at_round"]
@@ -93,6 +104,54 @@ def report(grid, sweep_dir: str, status: dict[str, str]) -> list[dict]:
     return rows
 
 
+def groups(pending: list[tuple[dict, str]], passthrough: list[str]) -> list[list[tuple[dict, str]]]:
+    """``pending`` (point, workdir) pairs grouped by shape key, in grid order. A point whose
+    flags do not parse stays alone: its own process reports the error."""
+    from fedmask_jax.experiment import shape_key
+
+    out: dict = {}
+    for i, (point, workdir) in enumerate(pending):
+        try:
+            key = shape_key(parse_point(point_argv(point, workdir, passthrough)))
+        except ValueError:
+            key = ("unparsable", i)
+        out.setdefault(key, []).append((point, workdir))
+    return list(out.values())
+
+
+def run_group(group: list[tuple[dict, str]], passthrough: list[str]) -> tuple[int, str]:
+    """Runs ``group`` with experiments.run_batch; returns its exit code and log path."""
+    import subprocess
+
+    from experiments.run_batch import batch_id
+    from fedmask_jax.outputs import write_json_atomic
+
+    batches_dir = os.path.join(F.sweep_dir, ".batches")
+    os.makedirs(batches_dir, exist_ok=True)
+    name = "group-" + batch_id([w for _, w in group])
+    spec = {"batches_dir": batches_dir, "max_runs_per_program": F.max_runs_per_program,
+            "points": [{"name": point_name(p), "workdir": w, "argv": point_argv(p, w, passthrough)}
+                       for p, w in group]}
+    for _, w in group:
+        os.makedirs(w, exist_ok=True)
+    batch_file = os.path.join(batches_dir, name + ".json")
+    write_json_atomic(batch_file, spec)
+    log_path = os.path.join(batches_dir, name + ".log")
+    cmd = [sys.executable, "-m", "experiments.run_batch", f"--batch_file={batch_file}"]
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT), log_path
+
+
+def _finished(workdir: str) -> str | None:
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return "done" if json.load(f).get("diverged_at_round") is None else "diverged"
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -106,7 +165,7 @@ def main(argv):
         sys.exit(2)
     os.makedirs(F.sweep_dir, exist_ok=True)
     passthrough = [a for a in sys.argv[1:] if not a.startswith(_OWN)]
-    status = {}
+    status, pending = {}, []
     for i, point in enumerate(points(grid)):
         workdir = os.path.join(F.sweep_dir, point_name(point))
         if F.report_only or i % count != index:
@@ -114,9 +173,31 @@ def main(argv):
         if os.path.isfile(os.path.join(workdir, "summary.json")):
             print(f"sweep: {point_name(point)} already done", flush=True)
             continue
+        pending.append((point, workdir))
+    alone = []
+    for group in (groups(pending, passthrough) if F.vectorize and len(pending) > 1 else [[p] for p in pending]):
+        if len(group) == 1:
+            alone += group
+            continue
+        print(f"sweep: running {len(group)} points sharing one shape as one program "
+              f"({', '.join(point_name(p) for p, _ in group)}) ...", flush=True)
+        rc, log_path = run_group(group, passthrough)
+        for point, workdir in group:
+            finished = _finished(workdir)
+            if finished:
+                status[workdir] = finished
+                print(f"sweep: {point_name(point)} {finished}", flush=True)
+            elif rc in (CANNOT_SHARE, 2):  # one at a time: each point reports its own error
+                alone.append((point, workdir))
+            else:
+                status[workdir] = outcome(rc, log_path)
+                print(f"sweep: {point_name(point)} {status[workdir]}", flush=True)
+        if rc == 130:
+            sys.exit(130)
+    for point, workdir in alone:
         print(f"sweep: running {point_name(point)} ...", flush=True)
         rc = run_point(point, workdir, passthrough)
-        status[workdir] = outcome(rc, "sweep_log.txt")
+        status[workdir] = outcome(rc, LOG_NAME)
         print(f"sweep: {point_name(point)} {status[workdir]}", flush=True)
     rows = report(grid, F.sweep_dir, status)
     print(open(os.path.join(F.sweep_dir, "sweep.md")).read())

@@ -572,6 +572,26 @@ def cpu_cache_bytes(default: int = 32 * 2**20) -> int:
     return default
 
 
+def auto_runs_per_program(runs: int, num_params: int, chunk: int, *, backend: str,
+                          memory_budget_bytes: float | None = None) -> int:
+    """How many runs to vmap together: each holds a chunk of clients' working set (as in
+    ``auto_chunk_size``), as many as fit the device memory budget of client chunks (8 GB; on
+    CPU at most a quarter of the host's memory)."""
+    if memory_budget_bytes is None:
+        memory_budget_bytes = 8e9
+        if backend == "cpu":
+            memory_budget_bytes = min(memory_budget_bytes, host_memory_bytes() / 4)
+    per_run = 8 * 4 * num_params * chunk
+    return int(max(1, min(runs, memory_budget_bytes // per_run)))
+
+
+def host_memory_bytes(default: int = 8 * 2**30) -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        return default
+
+
 def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: str,
                     memory_budget_bytes: float | None = None) -> int:
     """How many clients to vmap together, chosen per backend.

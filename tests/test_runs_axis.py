@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedmask_jax import experiment
+from fedmask_jax import experiment, sinks
 from fedmask_jax.run_config import RunConfig
 from fedmask_jax.simulation import execute_runs, run
 
@@ -127,3 +127,38 @@ def test_runs_sharded_over_eight_devices_match_each_alone_on_one(tmp_path):
                 for k in keys:  # psum over clients sums in another order than one device
                     assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (name, k)
         assert len({np.round(r[-1]["train_loss"], 6) for r in out[name]["batch"]}) == len(out[name]["batch"])
+
+
+def test_a_batch_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    cfgs = [dataclasses.replace(BASE, seed=s, rounds=3, checkpoint_every=1, method={"client_lr": lr})
+            for s, lr in ((0, 0.05), (1, 0.2))]
+    straight = [dataclasses.replace(c, workdir=str(tmp_path / f"s{i}")) for i, c in enumerate(cfgs)]
+    execute_runs(straight, batch_dir=str(tmp_path / "straight"))
+    # Stopped after round 2 (as if killed), then resumed to round 3.
+    stopped = [dataclasses.replace(c, rounds=2, workdir=str(tmp_path / f"r{i}")) for i, c in enumerate(cfgs)]
+    execute_runs(stopped, batch_dir=str(tmp_path / "resumed"))
+    resumed = [dataclasses.replace(c, resume=True) for c in (dataclasses.replace(s, rounds=3) for s in stopped)]
+    seen = [Seen(), Seen()]
+    summaries, _, _ = execute_runs(resumed, batch_dir=str(tmp_path / "resumed"),
+                                   extra_sinks=[(s,) for s in seen])
+    for s in seen:  # it continued from the checkpoint: only round 3 was run
+        assert any(line.startswith("resume: continuing after round 2") for line in s.header)
+        assert s.rounds == [3]
+    for i in range(2):
+        a, b = _rows(tmp_path / f"s{i}"), _rows(tmp_path / f"r{i}")
+        assert [r["round"] for r in b] == [1, 2, 3]
+        for ra, rb in zip(a, b):
+            for k in KEYS + MASK_KEYS:
+                assert ra[k] == rb[k], (i, ra["round"], k)
+        assert summaries[i]["rounds_completed"] == 3
+
+
+class Seen(sinks.Sink):
+    def __init__(self):
+        self.header, self.rounds = [], []
+
+    def open(self, header):
+        self.header = header
+
+    def round(self, record, evaluated):
+        self.rounds.append(record["round"])

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sweep(tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     flagfile = tmp_path / "tiny.flags"
     flagfile.write_text("\n".join([
         "--dataset=digits", "--model=mlp", "--mlp_hidden=16", "--num_clients=4",
@@ -45,3 +46,40 @@ def test_sweep_runs_grid_survives_a_failed_point_and_resumes(tmp_path):
 def test_sweep_rejects_unknown_flag(tmp_path):
     proc = _sweep(tmp_path, "--sweep=learning_rate=1,2")
     assert proc.returncode == 2 and "not a flag of experiments.run" in proc.stderr
+
+
+def _metrics(folder):
+    import json
+
+    with open(folder / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    timing = ("elapsed_s", "eval_time_s", "round_time_s", "wall_time_s", "coding_time_s")
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def test_points_sharing_a_shape_run_as_one_program_with_the_outputs_of_one_process_each(tmp_path):
+    import json
+
+    grid = "--sweep=seed=0,1;client_lr=0.05,0.2"
+    vec = _sweep(tmp_path / "v", grid, "--max_runs_per_program=3")
+    one = _sweep(tmp_path / "o", grid, "--novectorize")
+    assert vec.returncode == 0 and one.returncode == 0, (vec.stderr, one.stderr)
+    assert "running 4 points sharing one shape as one program" in vec.stdout
+    assert "one program" not in one.stdout
+    # At most 3 runs per program: a batch of 3 (its checkpoints in .batches) and a single run.
+    batch_dirs = [d for d in os.listdir(tmp_path / "v" / "sweep" / ".batches") if not d.startswith("group-")]
+    assert len(batch_dirs) == 1
+    in_program = []
+    for name in ("seed=0__client_lr=0.05", "seed=0__client_lr=0.2", "seed=1__client_lr=0.05",
+                 "seed=1__client_lr=0.2"):
+        v, o = tmp_path / "v" / "sweep" / name, tmp_path / "o" / "sweep" / name
+        assert sorted(os.listdir(v)) == sorted(os.listdir(o))  # the same files per point
+        assert _metrics(v) == _metrics(o), name  # and the same numbers
+        with open(v / "summary.json") as f:
+            in_program.append(json.load(f)["runs_in_program"])
+        with open(o / "summary.json") as f:
+            assert json.load(f)["runs_in_program"] == 1
+        assert "done: fedpm test accuracy" in (v / "sweep_log.txt").read_text()  # its console lines
+    assert sorted(in_program) == [1, 3, 3, 3]
+    with open(tmp_path / "v" / "sweep" / "sweep.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["done"] * 4

@@ -1,0 +1,116 @@
+"""Runs several experiments.run points that share every shape as one program per batch.
+
+    python -m experiments.run_batch --batch_file=<sweep_dir>/.batches/<group>.json
+
+Started by ``experiments.sweep`` for each group of points with one ``shape_key``. The file
+lists each point's experiments.run arguments and workdir; the points run in batches of at
+most ``max_runs_per_program`` (0: as many as fit the device memory budget, see
+``engine.auto_runs_per_program``), each batch one compiled program with a leading runs axis,
+one batch after another in this process. Every point writes into its own workdir what
+experiments.run writes there (console lines go to its sweep_log.txt); a batch keeps its
+checkpoints in ``<batches_dir>/<batch id>`` and resumes from them.
+
+Exit codes: as experiments.run (0 done, 2 bad input, 3 a check failed, 4 some run diverged,
+130 interrupted), and 5: these points cannot share a program here (nothing was run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from experiments.launch import LOG_NAME, parse_point
+
+F = flags.FLAGS
+flags.DEFINE_string("batch_file", None, "JSON file written by experiments.sweep.")
+
+CANNOT_SHARE = 5
+
+
+def batch_id(workdirs: list[str]) -> str:
+    """A batch's name: the same points give the same name, so a re-run resumes it."""
+    return hashlib.sha1("\n".join(sorted(os.path.abspath(w) for w in workdirs)).encode()).hexdigest()[:12]
+
+
+def batches(cfgs, max_runs: int) -> list[list[int]]:
+    """Consecutive slices of at most ``max_runs`` points; finished points drop out of a group
+    from its front, so an interrupted batch is the same batch when the sweep is re-run."""
+    return [list(range(i, min(i + max_runs, len(cfgs)))) for i in range(0, len(cfgs), max_runs)]
+
+
+def runs_per_program(cfgs, dataset, requested: int) -> int:
+    import jax
+
+    from fedmask_jax import engine, models
+    from fedmask_jax.algorithms import registry
+
+    cfg = cfgs[0]
+    arch = models.Architecture(cfg.model, dataset.num_classes, dataset.input_shape, cfg.width,
+                               tuple(cfg.mlp_hidden))
+    backend = jax.default_backend()
+    strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(conv=arch.conv, backend=backend)
+    if strategy != "scan":
+        return 0
+    if requested:
+        return requested
+    num_params = models.count_entries(jax.eval_shape(
+        arch.build(masked=registry.spec(cfg.algorithm).masked).init, jax.random.key(0), arch.sample_input()))
+    chunk = cfg.client_chunk_size or engine.auto_chunk_size(cfg.clients_per_round, num_params,
+                                                            conv=arch.conv, backend=backend)
+    return engine.auto_runs_per_program(len(cfgs), num_params, chunk, backend=backend)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from fedmask_jax.algorithms.base import RunFault
+    from fedmask_jax.data import DataError, load_dataset
+    from fedmask_jax.simulation import execute_runs
+
+    with open(F.batch_file) as f:
+        spec = json.load(f)
+    try:
+        cfgs = [parse_point(p["argv"]) for p in spec["points"]]
+        cfg = cfgs[0]
+        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir,
+                               archive_dirs=[cfg.archive_dir] if cfg.archive_dir else [],
+                               download=cfg.download)
+        max_runs = runs_per_program(cfgs, dataset, spec.get("max_runs_per_program", 0))
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not max_runs:
+        print("these points run one at a time here (--strategy resolves to host_loop)", file=sys.stderr)
+        sys.exit(CANNOT_SHARE)
+    diverged = False
+    for members in batches(cfgs, max_runs):
+        group = [cfgs[i] for i in members]
+        names = [spec["points"][i]["name"] for i in members]
+        batch_dir = os.path.join(spec["batches_dir"], batch_id([c.workdir for c in group]))
+        print(f"batch {os.path.basename(batch_dir)}: {len(group)} runs in one program: {', '.join(names)}",
+              flush=True)
+        try:
+            summaries, _, _ = execute_runs(group, batch_dir=batch_dir, console_to_log=LOG_NAME)
+        except (ValueError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except RunFault as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(3)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        for name, s in zip(names, summaries):
+            diverged |= s["diverged_at_round"] is not None
+            print(f"  {name}: final accuracy {s.get('final_test_accuracy', float('nan')):.4f}", flush=True)
+    if diverged:
+        sys.exit(4)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("batch_file")
+    app.run(main)
