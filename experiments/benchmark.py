@@ -26,7 +26,9 @@ from absl import app, flags, logging
 
 F = flags.FLAGS
 flags.DEFINE_list("cases", ["mlp_w1_k10", "mlp_w1_k100", "conv4_w1_k10"],
-                  "Cases as <model>_w<width>_k<clients>[_n<population>]; width 05 means 0.5.")
+                  "Cases as <model>_w<width>_k<clients>[_n<population>][_r<runs>]; width 05 means "
+                  "0.5; _r<runs> (a sweep case): that many runs in one program against one run "
+                  "at a time (JAX only, --strategy=scan).")
 flags.DEFINE_integer("examples_per_client", 600, "Training examples per client (Fashion-MNIST).")
 flags.DEFINE_integer("batch_size", 128, "Local batch size (capped at examples_per_client).")
 flags.DEFINE_integer("local_epochs", 3, "Local epochs.")
@@ -46,7 +48,7 @@ flags.DEFINE_string("run_case", None, "Internal: run one case in this process an
 
 def parse_case(case: str) -> dict:
     parts = case.split("_")
-    spec = {"case": case, "model": parts[0], "width": 1.0, "k": 10, "n": None}
+    spec = {"case": case, "model": parts[0], "width": 1.0, "k": 10, "n": None, "runs": 1}
     for p in parts[1:]:
         if p.startswith("w"):
             digits = p[1:]  # "w1" -> 1.0, "w05" -> 0.5, "w025" -> 0.25
@@ -55,6 +57,8 @@ def parse_case(case: str) -> dict:
             spec["k"] = int(p[1:])
         elif p.startswith("n"):
             spec["n"] = int(p[1:])
+        elif p.startswith("r") and p[1:].isdigit() and int(p[1:]) > 1:
+            spec["runs"] = int(p[1:])
         else:
             raise ValueError(f"--cases: cannot parse {case!r} (part {p!r})")
     spec["n"] = spec["n"] or spec["k"]
@@ -139,6 +143,8 @@ def run_case(case: str) -> dict:
     from fedmask_jax.data import load_dataset, partition
 
     spec = parse_case(case)
+    if spec["runs"] > 1:
+        return run_sweep_case(spec)
     ds = load_dataset("fashion_mnist", data_dir=F.data_dir, download=False)
     sizes = [len(p) for p in partition(ds.y_train, spec["n"], "iid", seed=0,
                                        max_examples_per_client=F.examples_per_client)]
@@ -206,6 +212,59 @@ def run_case(case: str) -> dict:
     }
 
 
+def run_sweep_case(spec: dict) -> dict:
+    """``runs`` FedPM runs (seeds 0.., client learning rates spread around the reference's)
+    in one program, against one of them alone: run-rounds per second of each, steady rounds
+    alternating, and the compile time of each program."""
+    import jax
+
+    from fedmask_jax import engine, experiment
+    from fedmask_jax.data import load_dataset
+
+    ds = load_dataset("fashion_mnist", data_dir=F.data_dir, download=False)
+    base = case_config(spec, min(F.batch_size, F.examples_per_client)).replace(
+        strategy="scan" if F.strategy == "auto" else F.strategy)
+    cfgs = [base.replace(seed=i, method={**base.method, "client_lr": 0.1 * 2 ** ((i % 4) - 1.5)})
+            for i in range(spec["runs"])]
+    programs = {"vectorized": experiment.build(cfgs, dataset=ds), "one_at_a_time": experiment.build(cfgs[0], dataset=ds)}
+    states, compile_s = {}, {}
+    for name, exp in programs.items():
+        server, store = exp.initial_state()
+        compile_s[name] = exp.round_fn.compile(server, store, exp.data, exp.cohort(0), exp.round_key(0))
+        out = exp.round_fn(server, store, exp.data, exp.cohort(0), exp.round_key(0))  # warm-up
+        jax.block_until_ready(out.metrics)
+        states[name] = [out.server, out.store]
+
+    def stepper(name):
+        exp, state = programs[name], states[name]
+
+        def step(r):
+            out = exp.round_fn(state[0], state[1], exp.data, exp.cohort(r), exp.round_key(r))
+            state[0], state[1] = out.server, out.store
+            jax.block_until_ready(out.metrics)
+        return step
+
+    times = time_rounds(**{name: stepper(name) for name in programs})
+    vec = spec["runs"] * rate(times["vectorized"])
+    one = rate(times["one_at_a_time"])
+    exp = programs["vectorized"]
+    return {
+        "case": spec["case"], "kind": "sweep", "model": spec["model"], "width": spec["width"],
+        "runs": spec["runs"], "clients_per_round": spec["k"], "num_clients": spec["n"],
+        "examples_per_client": F.examples_per_client, "batch_size": base.batch_size,
+        "local_epochs": F.local_epochs, "strategy": exp.strategy,
+        "client_chunk_size": exp.engine_config.client_chunk_size,
+        "mesh": dict(exp.mesh.shape), "runs_vectorized": exp.engine_config.runs_vectorized,
+        "compiler_options": engine.compiler_options(exp.engine_config) or {}, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "vectorized_run_rounds_per_s": vec, "one_at_a_time_run_rounds_per_s": one,
+        "speedup": vec / one,
+        "vectorized_round_seconds": times["vectorized"], "one_at_a_time_round_seconds": times["one_at_a_time"],
+        "compile_vectorized_s": compile_s["vectorized"], "compile_one_s": compile_s["one_at_a_time"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def _fmt(v, spec=".2f"):
     return "—" if v is None else format(v, spec)
 
@@ -228,6 +287,8 @@ def write_docs(results: list[dict], path: str, command: str) -> None:
     rows = ["| case | strategy/chunk | JAX rounds/s | PyTorch rounds/s | speedup | JAX ex/s | "
             "achieved GFLOP/s | % of GEMM peak | compile s | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
+    sweeps = [r for r in results if r.get("kind") == "sweep"]
+    results = [r for r in results if r.get("kind") != "sweep"]
     for r in results:
         rows.append(
             f"| {r['case']} | {r['strategy']}/{r['client_chunk_size']} | {_fmt(r['jax_rounds_per_s'], '.3f')} | "
@@ -235,13 +296,30 @@ def write_docs(results: list[dict], path: str, command: str) -> None:
             f"{_fmt(r['jax_examples_per_s'], '.0f')} | {_fmt(r['achieved_gflops'], '.1f')} | "
             f"{_fmt(100 * r['achieved_gflops'] / r['gemm_peak_gflops'], '.0f')} | "
             f"{_fmt(r['compile_time_s'], '.1f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
-    block = "<!-- bench:start -->\n" + header + "\n\n" + "\n".join(rows) + "\n<!-- bench:end -->"
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n<!-- bench:start -->\n<!-- bench:end -->\n"
-    start, end = text.find("<!-- bench:start -->"), text.find("<!-- bench:end -->")
-    if start < 0 or end < 0:
-        text += "\n" + block + "\n"
-    else:
-        text = text[:start] + block + text[end + len("<!-- bench:end -->"):]
+    sweep_rows = ["Sweep cases: R FedPM runs (seeds and client learning rates differ) in one "
+                  "program against one run at a time, steady rounds alternating (run-rounds/s: "
+                  "runs advanced by one round per second).", "",
+                  "| case | strategy/chunk | runs x clients mesh | runs vmapped at a time | one program "
+                  "run-rounds/s | one at a time run-rounds/s | speedup | compile s (one program / one run) "
+                  "| peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+    sweep_rows += [f"| {r['case']} | {r['strategy']}/{r['client_chunk_size']} | "
+                   f"{'x'.join(str(v) for v in r['mesh'].values())} | {r['runs_vectorized']} | "
+                   f"{r['vectorized_run_rounds_per_s']:.3f} | "
+                   f"{r['one_at_a_time_run_rounds_per_s']:.3f} | {r['speedup']:.2f} | "
+                   f"{r['compile_vectorized_s']:.1f} / {r['compile_one_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+                   for r in sweeps]
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    for marker, table, present in (("bench", rows, results), ("bench-sweep", sweep_rows, sweeps)):
+        if not present:  # a run of other cases leaves this table as it was
+            continue
+        start_tag, end_tag = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        block = start_tag + "\n" + header + "\n\n" + "\n".join(table) + "\n" + end_tag
+        start, end = text.find(start_tag), text.find(end_tag)
+        if start < 0 or end < 0:
+            text += "\n" + block + "\n"
+        else:
+            text = text[:start] + block + text[end + len(end_tag):]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
@@ -275,6 +353,12 @@ def main(argv):
             continue
         r = json.loads(lines[-1][len("RESULT "):])
         results.append(r)
+        if r.get("kind") == "sweep":
+            print(f"  {r['runs']} runs in one program: {r['vectorized_run_rounds_per_s']:.3f} run-rounds/s, "
+                  f"one at a time {r['one_at_a_time_run_rounds_per_s']:.3f}, speedup {r['speedup']:.2f}, "
+                  f"compile {r['compile_vectorized_s']:.1f}s vs {r['compile_one_s']:.1f}s", flush=True)
+            write_json_atomic(os.path.join(workdir, "benchmark.json"), results)
+            continue
         print(f"  JAX {r['jax_rounds_per_s']:.3f} rounds/s ({r['jax_examples_per_s']:.0f} ex/s, "
               f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['achieved_gflops'] / r['gemm_peak_gflops']:.0f}% "
               f"of {r['gemm_peak_gflops']:.0f} GEMM peak), PyTorch {_fmt(r['torch_rounds_per_s'], '.3f')} "

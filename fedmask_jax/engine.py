@@ -97,6 +97,7 @@ class EngineConfig:
     client_chunk_size: int = 1  # clients vmapped together; chunks run in sequence
     cpu_ynn_fusions: bool = False  # keep XLA:CPU's YNNPACK fusions (see compiler_options)
     collect: int = 0  # cohort positions whose messages the round hands back
+    runs_vectorized: int = 0  # of a program's runs, how many are vmapped together (0 = all)
 
 
 # XLA:CPU in jaxlib 0.10 hands convolutions, reductions and some elementwise ops to YNNPACK
@@ -468,7 +469,7 @@ class RoundFn:
         if strategy == "scan":
             program = functools.partial(_round_program, _InProgram(), stages)
             if runs > 1:
-                program = jax.vmap(program, in_axes=(0, 0, ClientData(None, None, 0, 0), 0, 0))
+                program = _over_runs(program, runs, cfg.runs_vectorized)
             if sharded:
                 batch = (RUNS_AXIS,) if runs > 1 else ()
                 per_run, rep = PartitionSpec(*batch), PartitionSpec()
@@ -507,6 +508,22 @@ class RoundFn:
         return _round_program(loop, self._program, server, store, data, cohort._replace(ids=ids), key)
 
 
+def _over_runs(program, runs: int, vectorized: int):
+    """``program`` over a leading runs axis: vmapped, or ``vectorized`` runs vmapped at a time
+    and those groups one after another (``lax.map``), so that a group's working set is the
+    one a single run keeps in cache."""
+    if not vectorized or vectorized >= runs:
+        return jax.vmap(program, in_axes=(0, 0, ClientData(None, None, 0, 0), 0, 0))
+
+    def one_after_another(server, store, data, cohort, key):
+        def one(xs):
+            server, store, index, sizes, cohort, key = xs
+            return program(server, store, data._replace(index=index, sizes=sizes), cohort, key)
+        return jax.lax.map(one, (server, store, data.index, data.sizes, cohort, key),
+                           batch_size=vectorized if vectorized > 1 else None)
+    return one_after_another
+
+
 def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "scan",
                   mesh: Mesh | None = None, runs: int = 1) -> RoundFn:
     """See ``RoundFn``."""
@@ -514,11 +531,12 @@ def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "s
 
 
 def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int,
-                 options: dict[str, str] | None = None, runs: int = 1):
+                 options: dict[str, str] | None = None, runs: int = 1, runs_vectorized: int = 0):
     """Returns ``evaluate(server, x, y, key) -> {metric: mean over examples}``.
 
     ``options``: XLA compiler options, e.g. ``compiler_options(cfg)``. ``runs > 1``: ``server``
-    and ``key`` have a leading runs axis, the metrics too (the test set is shared).
+    and ``key`` have a leading runs axis, the metrics too (the test set is shared);
+    ``runs_vectorized`` of them are vmapped at a time (0 = all).
 
     The test set is scanned in batches; each batch gets its own key (so a sampled-mask
     evaluation draws a fresh mask per test batch, as the reference does).
@@ -544,8 +562,14 @@ def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int,
         sums, _ = jax.lax.scan(body, zero, (jnp.arange(nb), xb, yb, mb))
         return {k: v / m for k, v in sums.items()}
 
-    if runs > 1:
+    if runs > 1 and (not runs_vectorized or runs_vectorized >= runs):
         eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None, 0))
+    elif runs > 1:
+        one_run = eval_fn
+
+        def eval_fn(server, x, y, key):
+            return jax.lax.map(lambda sk: one_run(sk[0], x, y, sk[1]), (server, key),
+                               batch_size=runs_vectorized if runs_vectorized > 1 else None)
     return jax.jit(eval_fn, compiler_options=options)
 
 
@@ -583,6 +607,16 @@ def auto_runs_per_program(runs: int, num_params: int, chunk: int, *, backend: st
             memory_budget_bytes = min(memory_budget_bytes, host_memory_bytes() / 4)
     per_run = 8 * 4 * num_params * chunk
     return int(max(1, min(runs, memory_budget_bytes // per_run)))
+
+
+def auto_runs_vectorized(runs: int, num_params: int, chunk: int, *, backend: str) -> int:
+    """Of ``runs`` runs in one program, how many to vmap together: all on accelerators (the
+    program is sized by ``auto_runs_per_program``); on CPU as many as keep their chunks'
+    working set in the last-level cache -- as for chunks, a vmap that spills it is slower per
+    run than runs one after another inside the program (docs/benchmarks.md)."""
+    if backend != "cpu":
+        return runs
+    return int(max(1, min(runs, cpu_cache_bytes() // (8 * 4 * num_params * chunk))))
 
 
 def host_memory_bytes(default: int = 8 * 2**30) -> int:

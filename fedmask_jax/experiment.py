@@ -148,7 +148,8 @@ class Experiment:
     def describe(self) -> str:
         cfg = self.cfg
         what = "mask entries" if self.spec.masked else "parameters"
-        runs = f"{self.runs} runs in one program, " if self.batched else ""
+        runs = (f"{self.runs} runs in one program ({self.engine_config.runs_vectorized} vmapped at a time), "
+                if self.batched else "")
         return (f"fedmask_jax: {runs}{cfg.algorithm} {cfg.model} on {cfg.dataset} "
                 f"({self.algorithm.num_params:,} {what}), {cfg.clients_per_round} of {cfg.num_clients} "
                 f"clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}, "
@@ -224,16 +225,19 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
     # Each run is chunked as it would be alone, so that it computes the same sums.
     chunk = cfg.client_chunk_size or engine.auto_chunk_size(
         cfg.clients_per_round, algorithms[0].num_params, conv=arch.conv, backend=backend)
+    runs_vectorized = cfg.runs_vectorized or engine.auto_runs_vectorized(
+        len(cfgs), algorithms[0].num_params, chunk, backend=backend)
     engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk,
                                         cpu_ynn_fusions=cfg.cpu_ynn_fusions,
-                                        collect=max([h.collect for h in hooks[0]], default=0))
+                                        collect=max([h.collect for h in hooks[0]], default=0),
+                                        runs_vectorized=min(runs_vectorized, len(cfgs)))
     if len(cfgs) > 1:
         mesh = engine.runs_mesh(len(cfgs), cfg.num_devices)
     else:  # the host loop drives one device; the scanned round shards clients over the mesh
         mesh = engine.clients_mesh(cfg.num_devices if strategy == "scan" else 1)
     round_fn = engine.make_round_fn(algorithms[0], engine_config, strategy, mesh, runs=len(cfgs))
     eval_fn = engine.make_eval_fn(algorithms[0], cfg.eval_batch_size, engine.compiler_options(engine_config),
-                                  runs=len(cfgs))
+                                  runs=len(cfgs), runs_vectorized=engine_config.runs_vectorized)
     data = _client_data(dataset.x_train, dataset.y_train, partitions)
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test, jnp.int32)
     exp = Experiment(cfgs, spec, method_configs, dataset, partitions, arch, algorithms[0], algorithms,

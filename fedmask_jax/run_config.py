@@ -55,6 +55,9 @@ class RunConfig:
     eval_batch_size: int = setting(128, "Test batch size; one fresh mask per test batch.", min=1)
     client_chunk_size: int = setting(0, "Clients trained at once under vmap (0 = chosen per "
                                      "backend).", min=0)
+    runs_vectorized: int = setting(0, "Runs sharing one program (a sweep's batch): how many are "
+                                   "vmapped together, the rest following one after another "
+                                   "inside the program (0 = chosen per backend).", min=0)
     strategy: str = setting("auto", "Round execution: scan (one program) or host_loop (jitted "
                             "steps driven from Python; fast for convs on XLA:CPU); auto picks "
                             "per backend and model.", choices=("auto", *engine.STRATEGIES))

@@ -89,7 +89,7 @@ def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log)
         outs = []
         for i, (c, w) in enumerate(zip(cfgs, workdirs)):
             _write_config_record(exp, i, w)
-            log = open(os.path.join(w, console_to_log), "a") if console_to_log and c.verbose else None
+            log = open(os.path.join(w, console_to_log), "a", buffering=1) if console_to_log and c.verbose else None
             logs += [log] if log else []
             run_sinks = [*sinks.default_sinks(w, c.rounds, histories[i].rounds_done, verbose=c.verbose,
                                               tensorboard=c.tensorboard, console=log),

@@ -9,6 +9,11 @@
 # the 10,000-client case with the PyTorch reference on CUDA; writes into OUT (at most 8 files):
 # env.txt, quickstart.log, quickstart_metrics.jsonl, quickstart_summary.json, benchmark.log,
 # benchmark.json, benchmarks.md. About 6 minutes on an H100.
+#
+# MODE=sweep instead: the benchmark's sweep cases (8 runs x 10 clients, MLP and Conv4, in one
+# program vs one at a time) and the quickstart swept over 8 seeds as one program and as one
+# process per point; writes env.txt, benchmark.log, benchmark.json, benchmarks.md, sweep.log,
+# sweep_vectorized.md, sweep_one_per_process.md. About 4 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: device_check.sh OUT [DIR]}"
@@ -32,6 +37,28 @@ rm -rf "$WORK" && mkdir -p "$WORK"
   "$PY" -c "import jax, jaxlib, flax, optax, torch; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__); print(jax.devices())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+
+if [ "${MODE:-check}" = sweep ]; then
+  for mode in vectorize novectorize; do
+    start=$EPOCHREALTIME
+    timeout 240 "$PY" -m experiments.sweep --flagfile=experiments/configs/quickstart.flags \
+      --sweep="seed=${SEEDS:-0,1,2,3,4,5,6,7}" --sweep_dir="$WORK/sweep_$mode" --$mode ${ROUNDS:+--rounds=$ROUNDS} \
+      --archive_dir="$DIR/fashion-mnist" --data_dir="$WORK/tfds" --download=false --notensorboard \
+      > "$WORK/sweep_$mode.out" 2>&1
+    rc=$?
+    echo "sweep --$mode: exit $rc, $("$PY" -c "print(round($EPOCHREALTIME - $start, 1))") s wall" | tee -a "$OUT/sweep.log"
+    tail -12 "$WORK/sweep_$mode.out" >> "$OUT/sweep.log"
+  done
+  cp "$WORK/sweep_vectorize/sweep.md" "$OUT/sweep_vectorized.md" 2>/dev/null
+  cp "$WORK/sweep_novectorize/sweep.md" "$OUT/sweep_one_per_process.md" 2>/dev/null
+  # The sweeps prepared Fashion-MNIST in $WORK/tfds for the benchmark.
+  timeout 200 "$PY" -m experiments.benchmark --cases="${CASES:-mlp_w1_k10_r8,conv4_w1_k10_r8}" --notorch \
+    --examples_per_client=128 --local_epochs=3 --batch_size=128 --timed_rounds=3 --min_timed_seconds=3 \
+    --data_dir="$WORK/tfds" --workdir="$WORK/benchmark" --docs="$OUT/benchmarks.md" 2>&1 | tee "$OUT/benchmark.log"
+  cp "$WORK/benchmark/benchmark.json" "$OUT/benchmark.json" 2>/dev/null
+  ls -la "$OUT"
+  exit 0
+fi
 
 timeout 150 "$PY" -m experiments.run --flagfile=experiments/configs/quickstart.flags \
   --archive_dir="$DIR/fashion-mnist" --data_dir="$WORK/tfds" --download=false \

@@ -30,6 +30,7 @@ def _batch_vs_alone(tmp_path, cfgs, keys):
     batch = [dataclasses.replace(c, workdir=str(tmp_path / f"b{i}")) for i, c in enumerate(cfgs)]
     summaries, exp, _ = execute_runs(batch, batch_dir=str(tmp_path / "batch"))
     assert exp.runs == len(cfgs) and exp.round_fn.runs == len(cfgs)
+    assert exp.engine_config.runs_vectorized == (cfgs[0].runs_vectorized or len(cfgs))
     assert [s["runs_in_program"] for s in summaries] == [len(cfgs)] * len(cfgs)
     finals = []
     for i, c in enumerate(cfgs):
@@ -47,16 +48,18 @@ def _batch_vs_alone(tmp_path, cfgs, keys):
     assert len({round(f["train_loss"], 7) for f in finals}) == len(cfgs)
 
 
-def test_fedpm_runs_in_one_program_match_each_alone(tmp_path):
-    cfgs = [dataclasses.replace(BASE, seed=0, method={"client_lr": 0.05}),
-            dataclasses.replace(BASE, seed=1, method={"client_lr": 0.2}),
-            dataclasses.replace(BASE, seed=2, split="dirichlet",
+@pytest.mark.parametrize("vectorized", [0, 2])  # all 3 vmapped; a vmapped pair, then the third
+def test_fedpm_runs_in_one_program_match_each_alone(tmp_path, vectorized):
+    base = dataclasses.replace(BASE, runs_vectorized=vectorized)
+    cfgs = [dataclasses.replace(base, seed=0, method={"client_lr": 0.05}),
+            dataclasses.replace(base, seed=1, method={"client_lr": 0.2}),
+            dataclasses.replace(base, seed=2, split="dirichlet",
                                 method={"epsilon": 0.02, "lambda0": 2.0, "prior_reset_period": 2})]
     _batch_vs_alone(tmp_path, cfgs, KEYS + MASK_KEYS)
 
 
 def test_dense_runs_in_one_program_match_each_alone(tmp_path):
-    dense = dataclasses.replace(BASE, algorithm="fedavg")
+    dense = dataclasses.replace(BASE, algorithm="fedavg", runs_vectorized=1)  # one after another
     cfgs = [dataclasses.replace(dense, seed=3, method={"client_lr": 0.05}),
             dataclasses.replace(dense, seed=4, method={"client_lr": 0.1, "server_lr": 0.5,
                                                       "server_momentum": 0.9})]
