@@ -7,11 +7,13 @@
    chunks one after another, so memory is bounded by the chunk and the compiled program does
    not grow with the cohort. A chunk of one is a plain per-client loop -- the fast form for
    convolutions on XLA:CPU, where a vmapped conv becomes a slow grouped conv;
-3. each client runs the same number of local steps; steps past a client's data leave its
-   state unchanged, and its last batch masks its padding rows;
+3. each client runs the same number of local steps; steps past a client's data, or past its
+   step budget for the round (``Cohort.steps``: heterogeneous local work), leave its state
+   unchanged, and its last batch masks its padding rows;
 4. client contributions are summed over the cohort (and over devices, ``psum`` on the
    ``clients`` mesh axis) and handed to ``server_update``; the messages of a few chosen cohort
-   positions are collected for the host to check (``Cohort.collect``).
+   positions are collected for the host to check (``Cohort.collect``). A round in which no
+   client reports (all dropped or unavailable) leaves the server state as it was.
 
 The round's orchestration is written once, in ``_round_program``, against a small ``Loop``
 interface: ``call`` a stage, ``fori`` a loop, ``take`` a chunk of the cohort. Three loops run
@@ -66,14 +68,20 @@ class ClientData(NamedTuple):
 class Cohort(NamedTuple):
     """One round's clients, padded to a multiple of the chunk (times the devices).
 
-    Real clients come first; padding clients have ``valid`` 0 and count for nothing.
-    ``collect[p]`` is the slot of cohort position ``p`` in ``RoundOutput.collected`` or, for
-    positions whose messages are not collected, the number of slots (out of range).
+    Real clients come first; padding clients (and clients whose work does not count, such as
+    dropped stragglers) have ``valid`` 0 and count for nothing. ``collect[p]`` is the slot of
+    cohort position ``p`` in ``RoundOutput.collected`` or, for positions whose messages are
+    not collected, the number of slots (out of range). ``steps[p]``: the most local steps
+    (over all epochs) position ``p`` may take this round; ``ALL_STEPS`` for its full work.
     """
 
     ids: Any  # [P] int32
     valid: Any  # [P] float32
     collect: Any  # [P] int32
+    steps: Any  # [P] int32
+
+
+ALL_STEPS = 2**30  # a step budget no client reaches: its full local work
 
 
 class Collected(NamedTuple):
@@ -145,22 +153,32 @@ def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.n
 
 
 def make_cohort(clients: np.ndarray, multiple: int, collect: int = 0, seed: int = 0,
-                round_index: int = 0) -> Cohort:
-    """Pads ``clients`` to a multiple of ``multiple`` and picks ``collect`` of its positions
-    (uniformly, keyed by (seed, round)) whose messages the round hands back."""
+                round_index: int = 0, *, steps: np.ndarray | None = None, valid: np.ndarray | None = None,
+                size: int = 0) -> Cohort:
+    """Pads ``clients`` to a multiple of ``multiple`` (and to at least ``size`` positions, so
+    that rounds with fewer clients keep the program's shapes) and picks ``collect`` of its
+    positions (uniformly, keyed by (seed, round)) whose messages the round hands back.
+    ``steps``/``valid``: each client's step budget and weight (default: full work, 1)."""
     k = len(clients)
-    padded = -(-k // multiple) * multiple
+    padded = -(-max(k, size, 1) // multiple) * multiple
     ids = np.zeros(padded, np.int32)
     ids[:k] = clients
-    valid = np.zeros(padded, np.float32)
-    valid[:k] = 1.0
+    weights = np.zeros(padded, np.float32)
+    weights[:k] = 1.0 if valid is None else valid
+    budget = np.full(padded, ALL_STEPS, np.int32)
+    if steps is not None:
+        budget[:k] = steps
     slots = np.full(padded, collect, np.int32)
     if collect:
-        if collect > k:
-            raise ValueError(f"cannot collect {collect} messages from a cohort of {k}")
-        chosen = np.random.default_rng([seed, round_index, 1]).choice(k, collect, replace=False)
-        slots[np.sort(chosen)] = np.arange(collect, dtype=np.int32)
-    return Cohort(ids, valid, slots)
+        if collect > padded:
+            raise ValueError(f"cannot collect {collect} messages from a cohort of {padded}")
+        # Only reporting clients' messages are collected: the first min(collect, reporting)
+        # slots are filled, the rest stay empty.
+        reporting = np.flatnonzero(weights[:k] > 0)
+        taken = min(collect, len(reporting))
+        chosen = reporting[np.random.default_rng([seed, round_index, 1]).choice(len(reporting), taken, replace=False)]
+        slots[np.sort(chosen)] = np.arange(taken, dtype=np.int32)
+    return Cohort(ids, weights, slots, budget)
 
 
 def _where_tree(pred, new, old):
@@ -194,6 +212,7 @@ class ChunkState(NamedTuple):
     finish_keys: jax.Array
     loss_sum: jax.Array
     active_steps: jax.Array
+    budget: jax.Array  # each client's most steps this round (Cohort.steps)
 
 
 class Accumulator(NamedTuple):
@@ -220,13 +239,13 @@ class _Stages:
     def client_keys(self, key, ids):
         return jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
 
-    def begin_chunk(self, server, store, ids, keys) -> ChunkState:
+    def begin_chunk(self, server, store, ids, keys, budget) -> ChunkState:
         alg = self.alg
         persistent = jax.tree.map(lambda p: p[ids], store)
         states = _over_clients(lambda c, p: alg.client_init(server, p), self.chunk)(ids, persistent)
         split = jax.vmap(lambda k: tuple(jax.random.fold_in(k, i) for i in range(3)))(keys)
         zeros = jnp.zeros(ids.shape, jnp.float32)
-        return ChunkState(states, persistent, *split, zeros, zeros)
+        return ChunkState(states, persistent, *split, zeros, zeros, budget.astype(jnp.float32))
 
     def epoch_orders(self, data: ClientData, ids, shuffle_keys, e):
         """Row positions of each step's batch in epoch ``e``: a reshuffle of each client's
@@ -247,16 +266,17 @@ class _Stages:
         """Local step ``s`` of epoch ``e`` for every client of the chunk."""
         alg, b = self.alg, self.b
 
-        def one(c, state, order, step_key):
+        def one(c, state, order, step_key, done, budget):
             n = data.sizes[c]
             rows = data.index[c][order[s]]
             example_mask = ((s * b + jnp.arange(b)) < n).astype(jnp.float32)
             key = jax.random.fold_in(jax.random.fold_in(step_key, e), s)
             new_state, loss = alg.client_step(server, state, Batch(data.x[rows], data.y[rows], example_mask), key)
-            active = s * b < n
+            active = (s * b < n) & (done < budget)
             return _where_tree(active, new_state, state), loss * active, active.astype(jnp.float32)
 
-        states, loss, active = _over_clients(one, self.chunk)(ids, cs.states, orders, cs.step_keys)
+        states, loss, active = _over_clients(one, self.chunk)(ids, cs.states, orders, cs.step_keys,
+                                                              cs.active_steps, cs.budget)
         return cs._replace(states=states, loss_sum=cs.loss_sum + loss, active_steps=cs.active_steps + active)
 
     def finish(self, server, cs: ChunkState, data: ClientData, ids) -> ClientResult:
@@ -270,9 +290,9 @@ class _Stages:
         return _over_clients(one, self.chunk)(ids, cs.states, cs.persistent, cs.finish_keys,
                                               cs.loss_sum, cs.active_steps)
 
-    def empty_accumulator(self, server, store, data: ClientData, ids, keys) -> Accumulator:
+    def empty_accumulator(self, server, store, data: ClientData, ids, keys, budget) -> Accumulator:
         shapes = jax.eval_shape(
-            lambda: self.finish(server, self.begin_chunk(server, store, ids, keys), data, ids))
+            lambda: self.finish(server, self.begin_chunk(server, store, ids, keys, budget), data, ids))
         zeros = lambda s: jnp.zeros(s.shape[1:], s.dtype)  # noqa: E731
         sums = jax.tree.map(zeros, (shapes.contribution, shapes.metrics))
         collected = None
@@ -314,8 +334,10 @@ class _Stages:
                                  store_before, store)
             if collected is not None:  # every slot was written on exactly one device
                 collected = jax.lax.psum(collected, self.axis)
-        server = self.alg.server_update(server, contribution, k)
-        return RoundOutput(server, store, {name: v / k for name, v in metrics.items()}, collected)
+        # No client reported (all dropped or unavailable): the server keeps its state.
+        server = _where_tree(k > 0, self.alg.server_update(server, contribution, k), server)
+        means = {name: v / jnp.maximum(k, 1.0) for name, v in metrics.items()}
+        return RoundOutput(server, store, dict(means, reported_clients=k), collected)
 
 
 class Loop:
@@ -329,19 +351,20 @@ class Loop:
 
 def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, cohort: Cohort, key):
     """The round, once: chunks of clients, their epochs and steps, then the server update."""
-    chex.assert_equal_shape([cohort.ids, cohort.valid, cohort.collect])
+    chex.assert_equal_shape([cohort.ids, cohort.valid, cohort.collect, cohort.steps])
     chex.assert_rank(cohort.ids, 1)
     check_client_data(data)
     if cohort.ids.shape[0] % st.chunk:
         raise ValueError(f"the cohort ({cohort.ids.shape[0]}) is not padded to a multiple of "
                          f"the client chunk ({st.chunk})")
     keys = loop.call(st.client_keys, key, cohort.ids)
-    first = loop.take((cohort.ids, keys), 0, st.chunk)
+    first = loop.take((cohort.ids, keys, cohort.steps), 0, st.chunk)
     acc = loop.call(st.empty_accumulator, server, store, data, *first)
 
     def chunk_body(c, acc):
-        ids, valid, ks, slots = loop.take((cohort.ids, cohort.valid, keys, cohort.collect), c, st.chunk)
-        cs = loop.call(st.begin_chunk, server, acc.store, ids, ks)
+        ids, valid, ks, slots, budget = loop.take(
+            (cohort.ids, cohort.valid, keys, cohort.collect, cohort.steps), c, st.chunk)
+        cs = loop.call(st.begin_chunk, server, acc.store, ids, ks, budget)
         steps = loop.steps(st, data, ids)
 
         def epoch_body(e, cs):
@@ -478,7 +501,7 @@ class RoundFn:
                 # check_vma=False: the mask's custom VJP returns theta * g, a cotangent that
                 # varies over devices for a theta that does not, which the type check rejects.
                 program = jax.shard_map(program, mesh=mesh,
-                                        in_specs=(per_run, per_run, data_spec, Cohort(split, split, split), per_run),
+                                        in_specs=(per_run, per_run, data_spec, Cohort(split, split, split, split), per_run),
                                         out_specs=per_run, check_vma=False)
             self._program = jit(program, donate_argnums=(0, 1))
         else:

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedmask_jax import config as config_lib
-from fedmask_jax import engine, keys, models
+from fedmask_jax import engine, federation, keys, models
 from fedmask_jax.algorithms import registry
 from fedmask_jax.algorithms.base import FederatedAlgorithm, HostContext, HostHook, MethodSpec, PyTree
 from fedmask_jax.data import Dataset, holdout_validation, load_dataset, partition
@@ -29,7 +29,8 @@ from fedmask_jax.run_config import RunConfig
 
 # Run settings that may differ between runs of one program: they shape only the data split
 # or the initial state (the methods' own such settings are marked ``vary=True``).
-RUN_VARYING = ("seed", "split", "classes_per_client", "dirichlet_alpha", "max_examples_per_client")
+RUN_VARYING = ("seed", "split", "classes_per_client", "dirichlet_alpha", "max_examples_per_client",
+               "availability", "local_work", "round_deadline", "straggler_policy")
 # Settings that say where and how results are written, not what is computed.
 OUTPUT_ONLY = ("workdir", "verbose", "tensorboard", "checkpoint_every", "resume",
                "allow_config_change", "data_dir", "archive_dir", "download")
@@ -66,6 +67,7 @@ class Experiment:
     x_test: jax.Array
     y_test: jax.Array
     hooks: list[Sequence[HostHook]]  # each run's
+    federations: list[federation.Federation]  # each run's availability and clients' work
 
     @property
     def cfg(self) -> RunConfig:
@@ -104,15 +106,21 @@ class Experiment:
         return self._place((self._stack(servers), self._stack(stores)), self._runs_spec())
 
     def cohort(self, round_index: int) -> engine.Cohort:
+        return self.round_plan(round_index)[0]
+
+    def round_plan(self, round_index: int) -> tuple[engine.Cohort, list[dict[str, int]]]:
+        """The round's cohort (every run's) and, per run, the record fields saying how many
+        clients were available, sampled, dropped or partial (when those settings are on)."""
         multiple = self.engine_config.client_chunk_size * self.round_fn.client_devices
-        cohorts = [engine.make_cohort(engine.sample_cohort(c.seed, round_index, c.num_clients, c.clients_per_round),
-                                      multiple, self.engine_config.collect, c.seed, round_index)
-                   for c in self.cfgs]
+        plans = [f.plan(round_index) for f in self.federations]
+        cohorts = [engine.make_cohort(p.clients, multiple, self.engine_config.collect, c.seed, round_index,
+                                      steps=p.steps, valid=p.valid, size=c.clients_per_round)
+                   for p, c in zip(plans, self.cfgs)]
         cohort = engine.Cohort(*(np.stack(f) for f in zip(*cohorts))) if self.batched else cohorts[0]
         if self.round_fn.client_devices > 1 or self.batched:
-            return self._place(cohort, self._runs_spec(engine.CLIENTS_AXIS) if self.round_fn.client_devices > 1
-                               else self._runs_spec())
-        return cohort
+            cohort = self._place(cohort, self._runs_spec(engine.CLIENTS_AXIS) if self.round_fn.client_devices > 1
+                                 else self._runs_spec())
+        return cohort, [p.fields for p in plans]
 
     def round_key(self, round_index: int) -> jax.Array:
         return self._stack([keys.round_key(c.seed, round_index) for c in self.cfgs])
@@ -206,6 +214,7 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
                           max_examples_per_client=c.max_examples_per_client or None)
         _check_partition(c, parts)
         partitions.append(parts)
+    federations = [federation.build(c, np.array([len(p) for p in parts])) for c, parts in zip(cfgs, partitions)]
     if cfg.validation_fraction > 0:  # tuning: evaluate on held-out training data (same seed in a batch)
         dataset = holdout_validation(dataset, cfg.validation_fraction, cfg.seed)
 
@@ -214,8 +223,10 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
     arch = models.Architecture(cfg.model, dataset.num_classes, dataset.input_shape, cfg.width,
                                tuple(cfg.mlp_hidden))
     algorithms = [spec.build(arch, m) for m in method_configs]
-    hooks = [list(spec.host_hooks(HostContext(alg, m, arch, c.seed, c.clients_per_round, w, c.verbose)))
-             for alg, m, c, w in zip(algorithms, method_configs, cfgs, workdirs)]
+    hooks = [list(spec.host_hooks(HostContext(alg, m, arch, c.seed, c.clients_per_round, w, c.verbose,
+                                              num_clients=c.num_clients, rounds=c.rounds,
+                                              uniform_sampling=f.uniform_sampling)))
+             for alg, m, c, w, f in zip(algorithms, method_configs, cfgs, workdirs, federations)]
 
     backend = jax.default_backend()
     strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(conv=arch.conv, backend=backend)
@@ -241,7 +252,7 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
     data = _client_data(dataset.x_train, dataset.y_train, partitions)
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test, jnp.int32)
     exp = Experiment(cfgs, spec, method_configs, dataset, partitions, arch, algorithms[0], algorithms,
-                     engine_config, strategy, mesh, round_fn, eval_fn, data, x_test, y_test, hooks)
+                     engine_config, strategy, mesh, round_fn, eval_fn, data, x_test, y_test, hooks, federations)
     if mesh.size > 1:
         rep, per_run = PartitionSpec(), exp._runs_spec()
         exp.data = jax.device_put(data, engine.ClientData(*(NamedSharding(mesh, s) for s in (rep, rep, per_run, per_run))))

@@ -75,22 +75,29 @@ def run_rounds(exp: Experiment, state: RunState, sinks: Sequence[Sequence[Sink]]
     outs = [_InOrder(h, s) for h, s in zip(state.histories, sinks)]
     totals = [h.totals() for h in state.histories]
     live = [h.diverged_at() is None for h in state.histories]
-    entries = exp.algorithm.num_params * cfg.clients_per_round
-    for r in range(max(h.rounds_done for h in state.histories), cfg.rounds):
+    limits = [h.rounds_limit() for hooks in exp.hooks for h in hooks]
+    last = min([cfg.rounds, *(n for n in limits if n is not None)])
+    for r in range(max(h.rounds_done for h in state.histories), last):
         tickets = [[h.before_round(r, exp.run_view(state.server, i)) for h in exp.hooks[i]] if live[i] else []
                    for i in runs]
+        cohort, plan_fields = exp.round_plan(r)
         t0 = time.perf_counter()
-        result = exp.round_fn(state.server, state.store, exp.data, exp.cohort(r), exp.round_key(r))
+        result = exp.round_fn(state.server, state.store, exp.data, cohort, exp.round_key(r))
         metrics = exp.metrics(result)
         round_time = time.perf_counter() - t0
         state = RunState(result.server, result.store, state.histories)
         diverged = [not finite(m["train_loss"]) for m in metrics]  # the aggregate is poisoned
-        due = (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
+        due = (r + 1) % cfg.eval_every == 0 or r + 1 == last
         t_eval = time.perf_counter()
         evaluations = exp.evaluate(state.server, r) if due or any(map(all, zip(live, diverged))) else None
         eval_time = time.perf_counter() - t_eval
         for i in (i for i in runs if live[i]):
-            fields: dict[str, Any] = {"algorithm": cfg.algorithm, **metrics[i], "round_time_s": round_time}
+            reported = metrics[i]["reported_clients"]
+            # A round no client reported has no client means to record (the server kept its state).
+            means = metrics[i] if reported else {"reported_clients": reported}
+            fields: dict[str, Any] = {"algorithm": cfg.algorithm, **means, **plan_fields[i],
+                                      "round_time_s": round_time}
+            entries = exp.algorithm.num_params * reported
             for key in [k for k in metrics[i] if k.startswith("uplink_bpp")]:  # the whole cohort's bits
                 total = "cumulative_uplink_bits" + key[len("uplink_bpp"):]
                 fields[total] = totals[i][total] = totals[i].get(total, 0.0) + metrics[i][key] * entries
@@ -111,7 +118,7 @@ def run_rounds(exp: Experiment, state: RunState, sinks: Sequence[Sequence[Sink]]
             outs[i].add(RoundRecord(r + 1, fields, evaluation), parts)
             outs[i].emit(keep=1)  # host work may lag the rounds by one round, no more
         t_last = time.perf_counter()
-        if save and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds):
+        if save and cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == last):
             for out in outs:
                 out.emit()
             save(state)

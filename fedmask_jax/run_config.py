@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from fedmask_jax import config as config_lib
-from fedmask_jax import engine, models
+from fedmask_jax import engine, federation, models
 from fedmask_jax.algorithms import registry
 from fedmask_jax.config import setting
 from fedmask_jax.data import DATASETS, SPLITS
@@ -49,6 +49,18 @@ class RunConfig:
     classes_per_client: int = setting(2, "For --split=noniid.", min=1)
     dirichlet_alpha: float = setting(0.5, "For --split=dirichlet.", min=0, min_open=True)
     max_examples_per_client: int = setting(0, "Cap on each client's examples (0 = no cap).", min=0)
+    availability: str = setting("always", "Which clients can be sampled each round: always, "
+                                "bernoulli:P, diurnal:PERIOD,LOW,HIGH (a cosine in rounds, a phase per "
+                                "client) or csv:PATH (a probability per client).")
+    local_work: str = setting("full", "Each client's speed, the share of its full local work done in "
+                              "one time unit: full, uniform:LOW,HIGH, lognormal:MU,SIGMA or csv:PATH "
+                              "(a speed per client; drawn once per client).")
+    round_deadline: float = setting(1.0, "Round deadline in those time units: a client with speed "
+                                    "v finishes its local work if v * deadline >= 1, else it straggles.",
+                                    min=0, min_open=True)
+    straggler_policy: str = setting("partial", "Stragglers: drop them from the round, or take the "
+                                    "partial work they finished by the deadline.",
+                                    choices=federation.STRAGGLER_POLICIES)
     seed: int = setting(0, "Seed of frozen weights, partition, cohorts and masks.", min=0)
     workdir: str = setting("runs/default", "Where metrics.jsonl, summary.json and the rest go.")
     eval_every: int = setting(1, "Evaluate every this many rounds (and at the last).", min=1)

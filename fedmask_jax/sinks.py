@@ -108,13 +108,23 @@ def progress_line(record: dict, total_rounds: int, eta_s: float) -> str:
         if "test_accuracy_thresholded" in record:
             acc += f" (thr {record['test_accuracy_thresholded']:.4f})"
         parts += [acc, f"test loss {record['test_loss']:.3f}"]
-    parts += [f"train loss {record['train_loss']:.3f}", f"bpp {record['uplink_bpp']:.3f}"]
+    if "clients_dropped" in record or "clients_available" in record or not record.get("reported_clients", 1):
+        text = f"clients {record.get('reported_clients', 0):.0f}"
+        if "clients_available" in record:
+            text += f" of {record['clients_available']} available"
+        if "clients_dropped" in record:
+            text += f" ({record['clients_dropped']} dropped, {record['clients_partial']} partial)"
+        parts.append(text)
+    if "train_loss" in record:
+        parts += [f"train loss {record['train_loss']:.3f}", f"bpp {record['uplink_bpp']:.3f}"]
     if "uplink_bpp_coded_prior" in record:
         parts.append(f"coded {record['uplink_bpp_coded_global']:.3f}/{record['uplink_bpp_coded_prior']:.3f}")
     if "verified_clients" in record:
         parts.append(f"checked {record['verified_clients']}")
     if "mask_density" in record:
         parts.append(f"density {record['mask_density']:.3f}")
+    if "epsilon" in record:
+        parts.append(f"eps {record['epsilon']:.3g}")
     parts.append(f"{record['round_time_s']:.2f}s/round")
     if record.get("wall_time_s", 0) > 1.5 * record["round_time_s"] + 0.01:  # host-bound
         parts[-1] += f" ({record['wall_time_s']:.2f}s wall)"

@@ -30,11 +30,12 @@ def digits_client_data(num_clients=4, seed=0, cap=None):
 
 
 def run_round(alg, data, clients, *, chunk=1, epochs=2, batch_size=64, strategy="scan", collect=0,
-              key=None, server=None, store=None):
-    """One round of ``alg`` on ``clients`` from a fresh server (or ``server``/``store``)."""
+              key=None, server=None, store=None, steps=None, valid=None):
+    """One round of ``alg`` on ``clients`` from a fresh server (or ``server``/``store``);
+    ``steps``/``valid``: each client's step budget and weight (``engine.make_cohort``)."""
     cfg = engine.EngineConfig(batch_size=batch_size, local_epochs=epochs, client_chunk_size=chunk,
                               collect=collect)
-    cohort = engine.make_cohort(np.asarray(clients, np.int32), chunk, collect)
+    cohort = engine.make_cohort(np.asarray(clients, np.int32), chunk, collect, steps=steps, valid=valid)
     server = alg.server_init(jax.random.key(0)) if server is None else server
     store = engine.init_store(alg, data.index.shape[0]) if store is None else store
     key = jax.random.key(7) if key is None else key

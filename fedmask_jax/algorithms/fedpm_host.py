@@ -78,11 +78,14 @@ class UplinkCodingCheck(HostHook):
     def before_round(self, round_index, server):
         return self._theta(server)  # what this round's clients receive, before it is donated
 
-    def after_round(self, round_index, output, theta) -> Future:
+    def after_round(self, round_index, output, theta) -> Future | dict:
         collected = output.collected
-        return self._rounds.submit(self._check, round_index + 1, theta, collected.payload,
-                                   collected.metrics["uplink_bpp_coded_prior"],
-                                   collected.metrics["uplink_bpp_coded_global"])
+        filled = min(self.collect, int(output.metrics["reported_clients"]))  # the rest are empty slots
+        if not filled:
+            return {"verified_clients": 0}
+        return self._rounds.submit(self._check, round_index + 1, theta, collected.payload[:filled],
+                                   collected.metrics["uplink_bpp_coded_prior"][:filled],
+                                   collected.metrics["uplink_bpp_coded_global"][:filled])
 
     def _check(self, round_number, theta, payload, device_prior, device_global) -> dict:
         n = self.n

@@ -1,0 +1,231 @@
+"""Who takes part in a round, and how much local work each client gets done.
+
+A run's federation has three settings (``RunConfig``):
+
+* ``--availability``: each round, client c is available with probability p_c(r); the cohort
+  is sampled uniformly without replacement among the available clients, keyed by
+  (seed, round) as always (all of them when fewer than ``--clients_per_round`` are).
+* ``--local_work``: each client's speed v_c, the share of its full local work
+  (``--local_epochs`` over its data) it gets done in one unit of time; a property of its
+  device, drawn once per client from the run's seed.
+* ``--round_deadline`` D, in those units: a client finishes its full work when v_c * D >= 1.
+  The others are stragglers; ``--straggler_policy=drop`` leaves them out of the round,
+  ``partial`` takes the floor(v_c * D * full steps) local steps they finished (a straggler
+  that finished no step is dropped).
+
+The engine applies this through its cohort: a straggler's step budget masks the steps past it
+inside the compiled round (no recompilation), and a dropped client has weight 0. With every
+client available, at full speed and within the deadline (the defaults), the cohort is exactly
+the one sampled without these settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from fedmask_jax import engine
+
+STRAGGLER_POLICIES = ("drop", "partial")
+# Stream ids of the federation's random draws (beside the cohort's [seed, round]).
+_SPEEDS, _AVAILABLE, _PHASES = 0x5EED, 2, 0xD1A
+
+
+def _numbers(text: str, what: str, count: int) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{what} needs {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+def read_client_values(path: str, num_clients: int, flag: str) -> np.ndarray:
+    """A per-client CSV trace: one value per line (client 0 first), or ``client,value`` lines;
+    a first line that is not numeric is a header."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}: no such file {path!r}")
+    with open(path) as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    if lines and not _is_number(lines[0].split(",")[-1]):
+        lines = lines[1:]
+    values = np.full(num_clients, np.nan)
+    try:
+        for i, line in enumerate(lines):
+            cells = line.split(",")
+            client, value = (i, cells[0]) if len(cells) == 1 else (int(cells[0]), cells[-1])
+            if not 0 <= client < num_clients:
+                raise ValueError(f"{flag}: {path} names client {client}, but --num_clients={num_clients}")
+            values[client] = float(value)
+    except (IndexError, TypeError) as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e}") from None
+    except ValueError as e:
+        if str(e).startswith(flag):
+            raise
+        raise ValueError(f"{flag}: {path} has a value that is not a number ({e})") from None
+    if np.isnan(values).any():
+        raise ValueError(f"{flag}: {path} gives no value for {int(np.isnan(values).sum())} of the "
+                         f"{num_clients} clients (first: client {int(np.flatnonzero(np.isnan(values))[0])})")
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def client_speeds(spec: str, num_clients: int, seed: int) -> np.ndarray:
+    """Each client's speed from ``--local_work``: ``full`` (1 for all), ``uniform:LOW,HIGH``,
+    ``lognormal:MU,SIGMA`` (of the speed's log) or ``csv:PATH`` (one speed per client)."""
+    kind, _, args = spec.partition(":")
+    rng = np.random.default_rng([seed, _SPEEDS])
+    if kind == "full" and not args:
+        speeds = np.ones(num_clients)
+    elif kind == "uniform":
+        low, high = _numbers(args, "--local_work=uniform:LOW,HIGH", 2)
+        if not 0 < low <= high:
+            raise ValueError(f"--local_work=uniform:LOW,HIGH needs 0 < LOW <= HIGH, got {args!r}")
+        speeds = rng.uniform(low, high, num_clients)
+    elif kind == "lognormal":
+        mu, sigma = _numbers(args, "--local_work=lognormal:MU,SIGMA", 2)
+        if sigma < 0:
+            raise ValueError(f"--local_work=lognormal:MU,SIGMA needs SIGMA >= 0, got {sigma}")
+        speeds = rng.lognormal(mu, sigma, num_clients)
+    elif kind == "csv" and args:
+        speeds = read_client_values(args, num_clients, "--local_work")
+    else:
+        raise ValueError(f"--local_work={spec!r} is unknown; use full, uniform:LOW,HIGH, "
+                         "lognormal:MU,SIGMA or csv:PATH")
+    if not (speeds > 0).all():
+        raise ValueError(f"--local_work={spec!r} gives a client speed <= 0; speeds must be positive")
+    return speeds
+
+
+AvailabilityFn = Callable[[int], np.ndarray]  # round index -> each client's probability
+
+
+def availability(spec: str, num_clients: int, seed: int) -> AvailabilityFn | None:
+    """``--availability``: ``always`` (None), ``bernoulli:P`` (every client, every round),
+    ``csv:PATH`` (one probability per client) or ``diurnal:PERIOD,LOW,HIGH`` (a client's
+    probability follows a cosine between LOW and HIGH with a period of PERIOD rounds, at a
+    phase drawn per client: clients in different time zones)."""
+    kind, _, args = spec.partition(":")
+    if kind == "always" and not args:
+        return None
+    if kind == "bernoulli":
+        (p,) = _numbers(args, "--availability=bernoulli:P", 1)
+        probs = np.full(num_clients, p)
+        fn = _constant(probs)
+    elif kind == "csv" and args:
+        probs = read_client_values(args, num_clients, "--availability")
+        fn = _constant(probs)
+    elif kind == "diurnal":
+        period, low, high = _numbers(args, "--availability=diurnal:PERIOD,LOW,HIGH", 3)
+        if not (period > 0 and 0 <= low <= high <= 1):
+            raise ValueError(f"--availability=diurnal:PERIOD,LOW,HIGH needs PERIOD > 0 and "
+                             f"0 <= LOW <= HIGH <= 1, got {args!r}")
+        phases = np.random.default_rng([seed, _PHASES]).random(num_clients)
+        fn = lambda r: low + (high - low) * 0.5 * (1 + np.cos(2 * np.pi * (r / period - phases)))  # noqa: E731
+        probs = fn(0)
+    else:
+        raise ValueError(f"--availability={spec!r} is unknown; use always, bernoulli:P, "
+                         "diurnal:PERIOD,LOW,HIGH or csv:PATH")
+    if not ((probs >= 0) & (probs <= 1)).all():
+        raise ValueError(f"--availability={spec!r} gives a probability outside [0, 1]")
+    return fn
+
+
+def _constant(probs: np.ndarray) -> AvailabilityFn:
+    def fn(r):
+        return probs
+    fn.constant = True
+    return fn
+
+
+class RoundPlan(NamedTuple):
+    clients: np.ndarray  # the sampled cohort's ids
+    steps: np.ndarray | None  # each one's step budget (None: all full work)
+    valid: np.ndarray | None  # 1 for a client whose work counts, 0 for a dropped one
+    fields: dict[str, int]  # record fields: how many were available, sampled, dropped, partial
+
+
+@dataclasses.dataclass
+class Federation:
+    """One run's availability and clients' work (see the module docstring)."""
+
+    seed: int
+    num_clients: int
+    clients_per_round: int
+    full_steps: np.ndarray  # [N] each client's full local work, in steps
+    budget: np.ndarray  # [N] steps each client gets done by the deadline (= full_steps: finishes)
+    policy: str
+    available: AvailabilityFn | None
+
+    @property
+    def finishes(self) -> np.ndarray:
+        return self.budget >= self.full_steps
+
+    @property
+    def heterogeneous(self) -> bool:
+        return not self.finishes.all()
+
+    def plan(self, round_index: int) -> RoundPlan:
+        n, k = self.num_clients, self.clients_per_round
+        fields: dict[str, int] = {}
+        if self.available is None:
+            clients = engine.sample_cohort(self.seed, round_index, n, k)
+        else:
+            draw = np.random.default_rng([self.seed, round_index, _AVAILABLE]).random(n)
+            pool = np.flatnonzero(draw < self.available(round_index)).astype(np.int32)
+            rng = np.random.default_rng([self.seed, round_index])
+            clients = np.sort(rng.choice(pool, size=min(k, len(pool)), replace=False)).astype(np.int32)
+            fields.update(clients_available=len(pool), clients_sampled=len(clients))
+        if not self.heterogeneous:
+            return RoundPlan(clients, None, None, fields)
+        finishes = self.finishes[clients]
+        steps = np.where(finishes, engine.ALL_STEPS, self.budget[clients]).astype(np.int32)
+        keep = finishes if self.policy == "drop" else (steps > 0)
+        fields.update(clients_dropped=int((~keep).sum()),
+                      clients_partial=int((keep & ~finishes).sum()))
+        return RoundPlan(clients, np.where(keep, steps, 0).astype(np.int32), keep.astype(np.float32), fields)
+
+    @property
+    def uniform_sampling(self) -> bool:
+        """Every round's reporting clients are a uniform sample of K of the N (what a privacy
+        accountant's sampling amplification assumes)."""
+        return self.available is None and not self.heterogeneous
+
+
+def build(cfg, client_sizes: np.ndarray) -> Federation:
+    """The federation ``cfg`` (a ``RunConfig``) describes for clients of these sizes; a
+    setting that leaves no client able to take part fails here, before any compute."""
+    n, k = cfg.num_clients, cfg.clients_per_round
+    full = cfg.local_epochs * -(-np.asarray(client_sizes, np.int64) // cfg.batch_size)
+    capacity = client_speeds(cfg.local_work, n, cfg.seed) * cfg.round_deadline
+    budget = np.where(capacity >= 1.0, full, np.floor(capacity * full + 1e-9)).astype(np.int64)
+    if cfg.straggler_policy == "drop" and not (capacity >= 1.0).any():
+        raise ValueError(f"--round_deadline={cfg.round_deadline:g}: no client can finish its local work in "
+                         f"time under --local_work={cfg.local_work} (fastest speed "
+                         f"{capacity.max() / cfg.round_deadline:.3g}), so --straggler_policy=drop would "
+                         f"drop everyone; raise --round_deadline to at least "
+                         f"{cfg.round_deadline / capacity.max():.3g} or use --straggler_policy=partial")
+    if not (budget > 0).any():
+        raise ValueError(f"--round_deadline={cfg.round_deadline:g}: no client finishes even one local step "
+                         f"in time under --local_work={cfg.local_work}; raise --round_deadline")
+    avail = availability(cfg.availability, n, cfg.seed)
+    if avail is not None:
+        horizon = range(1 if getattr(avail, "constant", False) else min(cfg.rounds, 1000))
+        expected = min(float(np.sum(avail(r))) for r in horizon)
+        if expected < k:
+            raise ValueError(f"--availability={cfg.availability} leaves on average {expected:.1f} of the "
+                             f"{n} clients available in some round, fewer than --clients_per_round={k}; "
+                             "lower --clients_per_round or raise the availability")
+    return Federation(cfg.seed, n, k, full, budget, cfg.straggler_policy, avail)
