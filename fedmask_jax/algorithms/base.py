@@ -81,6 +81,11 @@ class HostContext:
     clients_per_round: int
     workdir: str | None  # None: write no files
     verbose: bool = True
+    num_clients: int = 0  # the population N
+    rounds: int = 0  # rounds the run is set to
+    # Each round's reporting clients are a uniform sample of K of the N (no availability or
+    # straggler drops in between): what a privacy accountant's sampling amplification assumes.
+    uniform_sampling: bool = True
 
 
 class HostHook:
@@ -92,10 +97,14 @@ class HostHook:
     handed to ``after_round``, which sees the run's collected messages and metrics
     (``loop.RoundView``) and returns record fields, or a ``Future`` of them for work that
     overlaps the next round; a failure raises ``RunFault``. ``finish`` returns summary
-    fields.
+    fields. ``rounds_limit`` is the most rounds the run may take (e.g. before a privacy
+    budget is spent; None: no limit).
     """
 
     collect: int = 0
+
+    def rounds_limit(self) -> int | None:
+        return None
 
     def header(self) -> str | None:
         return None

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fedmask_jax import models
+from fedmask_jax import models, privacy
 from fedmask_jax.algorithms import compressors as C
 from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree
 from fedmask_jax.algorithms.compressors import Compressor
@@ -29,6 +29,7 @@ from fedmask_jax.config import check, setting
 from fedmask_jax.models import count_entries
 
 OPTIMIZERS = ("sgd", "sgdm", "adam")
+DP_NOISE_STREAM = 0xD9  # the server's DP noise: fold_in(fold_in(server key, round), this)
 AGGREGATIONS = ("mean", "majority_vote")
 
 
@@ -37,8 +38,8 @@ def _power_of_two(value: int) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class FedAvgConfig:
-    """Dense FedAvg: client and server optimizers (the server's acts on -(aggregate))."""
+class DenseConfig:
+    """The dense methods: client and server optimizers (the server's acts on -(aggregate))."""
 
     client_optimizer: str = setting("sgd", "Client optimizer of the dense weights.", choices=OPTIMIZERS)
     client_lr: float = setting(0.1, "Client learning rate (mask methods: Adam on the scores; dense "
@@ -59,7 +60,56 @@ class FedAvgConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SignSGDConfig(FedAvgConfig):
+class FedAvgConfig(DenseConfig):
+    """FedAvg, and DP-FedAvg (McMahan et al. 2018) when its update clipping and noise are set."""
+
+    dp_clip: float = setting(0.0, "DP-FedAvg: clip each client's model update to this L2 norm "
+                             "(the initial norm with --dp_clip_quantile; 0 = no clipping).", min=0)
+    dp_noise_multiplier: float = setting(
+        0.0, "DP-FedAvg: Gaussian noise on the sum of the clipped updates, its std this times the "
+        "clip norm (0 = no noise). The privacy accountant reads this value.", min=0)
+    dp_clip_quantile: float = setting(
+        0.0, "Adaptive clipping (Andrew et al. 2021): move the clip norm towards this quantile of "
+        "the clients' update norms each round (0 = a fixed --dp_clip).", min=0, max=1, max_open=True)
+    dp_clip_lr: float = setting(0.2, "Adaptive clipping: geometric step of the clip norm.",
+                                min=0, min_open=True)
+    dp_count_stddev: float = setting(
+        0.5, "Adaptive clipping with noise: std of the noise on the count of unclipped clients "
+        "(Andrew et al. use clients_per_round / 20); it must exceed half --dp_noise_multiplier.",
+        min=0, min_open=True)
+    dp_delta: float = setting(1e-5, "The delta at which the accountant reports epsilon (must be "
+                              "below 1 / --num_clients).", min=0, max=1, min_open=True, max_open=True)
+    target_epsilon: float = setting(0.0, "Stop the run at the last round whose epsilon stays within "
+                                    "this (0 = no target).", min=0)
+
+    def __post_init__(self):
+        check(self)
+        if self.dp_noise_multiplier > 0 and self.dp_clip == 0:
+            raise ValueError("--dp_noise_multiplier needs --dp_clip > 0: the noise is scaled to the clip norm")
+        if self.dp_clip_quantile > 0 and self.dp_clip == 0:
+            raise ValueError("--dp_clip_quantile needs --dp_clip > 0: the clip norm it starts from")
+        if self.target_epsilon > 0 and self.dp_noise_multiplier == 0:
+            raise ValueError("--target_epsilon needs --dp_noise_multiplier > 0: without noise there is "
+                             "no finite epsilon")
+        if self.dp_noise_multiplier > 0 and self.dp_clip_quantile > 0 \
+                and not 2 * self.dp_count_stddev > self.dp_noise_multiplier:
+            raise ValueError(f"--dp_count_stddev={self.dp_count_stddev:g} must exceed half of "
+                             f"--dp_noise_multiplier={self.dp_noise_multiplier:g}: the noise on the "
+                             "clipped count spends part of the privacy budget (Andrew et al. 2021)")
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The update sum's noise multiplier: all of ``dp_noise_multiplier`` with a fixed clip;
+        with adaptive clipping, what is left after the count's noise (Andrew et al. 2021, Thm 1:
+        z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2))."""
+        z = self.dp_noise_multiplier
+        if z == 0 or self.dp_clip_quantile == 0:
+            return z
+        return (z ** -2 - (2 * self.dp_count_stddev) ** -2) ** -0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SignSGDConfig(DenseConfig):
     # A majority vote moves every weight by the full server step, so it needs a small one;
     # tuned on Fashion-MNIST (experiments/configs/methods/signsgd.flags).
     server_lr: float = setting(3e-3, "Server learning rate.", min=0, min_open=True, vary=True)
@@ -68,19 +118,19 @@ class SignSGDConfig(FedAvgConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKConfig(FedAvgConfig):
+class TopKConfig(DenseConfig):
     topk_fraction: float = setting(0.01, "topk: fraction of the update's entries sent.",
                                    min=0, max=1, min_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class QSGDConfig(FedAvgConfig):
+class QSGDConfig(DenseConfig):
     qsgd_levels: int = setting(8, "qsgd: quantisation levels s.", min=1)
     qsgd_bucket: int = setting(512, "qsgd: entries per bucket (one norm each).", min=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class DriveConfig(FedAvgConfig):
+class DriveConfig(DenseConfig):
     drive_chunk: int = setting(4096, "drive: Hadamard rotation size (one scale per chunk).",
                                check=_power_of_two)
 
@@ -107,6 +157,7 @@ class FedAvgServerState(NamedTuple):
     round: jax.Array
     key: jax.Array
     hp: FedAvgHyper
+    clip: jax.Array  # DP-FedAvg's clip norm this round (0: no clipping)
 
 
 class FedAvgClientState(NamedTuple):
@@ -118,25 +169,33 @@ def init_dense_params(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> 
     return model.init(key, sample_x)["params"]
 
 
-def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: FedAvgConfig,
+def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig,
                       compressor: Compressor, name: str = "fedavg") -> FederatedAlgorithm:
-    """Builds the method for a dense Flax ``model`` with ``compressor`` on the uplink."""
+    """Builds the method for a dense Flax ``model`` with ``compressor`` on the uplink; a
+    ``FedAvgConfig`` with ``dp_clip`` set makes it DP-FedAvg: each update clipped to the clip
+    norm, Gaussian noise on their sum (``dp_noise_multiplier`` x clip), the clip norm adapted
+    to a quantile of the update norms with ``dp_clip_quantile``."""
+    dp = config if isinstance(config, FedAvgConfig) and config.dp_clip > 0 else None
     def client_opt(hp: FedAvgHyper):
         return make_optimizer(config.client_optimizer, hp.client_lr, hp.client_momentum)
 
     def server_opt(hp: FedAvgHyper):
         return make_optimizer(config.server_optimizer, hp.server_lr, hp.server_momentum)
 
-    initial_hp = FedAvgHyper(*(jnp.float32(v) for v in (config.client_lr, config.client_momentum,
-                                                         config.server_lr, config.server_momentum)))
+    def initial_hp():  # fresh arrays for each server state: a round donates its input state
+        return FedAvgHyper(*(jnp.float32(v) for v in (config.client_lr, config.client_momentum,
+                                                      config.server_lr, config.server_momentum)))
+
     shapes = jax.eval_shape(lambda k: init_dense_params(model, sample_x, k), jax.random.key(0))
     num_params = count_entries(shapes)
     unravel = ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))[1]
 
     def server_init(key):
         params = init_dense_params(model, sample_x, key)
-        return FedAvgServerState(params, server_opt(initial_hp).init(params), jnp.zeros((), jnp.int32),
-                                 jax.random.fold_in(key, 1), initial_hp)
+        hp = initial_hp()
+        return FedAvgServerState(params, server_opt(hp).init(params), jnp.zeros((), jnp.int32),
+                                 jax.random.fold_in(key, 1), hp,
+                                 jnp.float32(dp.dp_clip if dp else 0.0))
 
     def persistent_init():
         return compressor.init(num_params)
@@ -156,15 +215,25 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: FedAvgConfi
 
     def client_finish(server, state: FedAvgClientState, persistent, num_examples, key):
         delta = ravel_pytree(state.params)[0] - ravel_pytree(server.params)[0]
+        norm = jnp.linalg.norm(delta)
+        metrics = {"update_norm": norm}
+        if dp:
+            unclipped = (norm <= server.clip).astype(jnp.float32)
+            delta = delta * jnp.minimum(1.0, server.clip / jnp.maximum(norm, 1e-30))
+            metrics.update(dp_clip_norm=server.clip, clipped_fraction=1.0 - unclipped)
         message, persistent = compressor.encode(delta, persistent, key)
         # The server's reconstruction, from the message and the shared key only.
         decoded = compressor.decode(message, key)
-        metrics = {"uplink_bpp": compressor.bits(message) / num_params,
-                   "downlink_bpp": jnp.float32(32.0),  # the global weights as float32
-                   "update_norm": jnp.linalg.norm(delta)}
-        return ClientResult(decoded, persistent, metrics)
+        metrics.update(uplink_bpp=compressor.bits(message) / num_params,
+                       downlink_bpp=jnp.float32(32.0))  # the global weights as float32
+        return ClientResult((decoded, unclipped) if dp else decoded, persistent, metrics)
 
-    def server_update(server: FedAvgServerState, decoded_sum, num_clients):
+    def server_update(server: FedAvgServerState, contribution_sum, num_clients):
+        if dp:
+            decoded_sum, unclipped_count = contribution_sum
+            decoded_sum, clip = _private_sum(server, decoded_sum, unclipped_count, num_clients)
+        else:
+            decoded_sum, clip = contribution_sum, server.clip
         chex.assert_shape(decoded_sum, (num_params,))
         if config.aggregation == "majority_vote":
             aggregate = jnp.sign(decoded_sum)
@@ -173,7 +242,21 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: FedAvgConfi
         pseudo_grad = unravel(-aggregate)
         updates, opt_state = server_opt(server.hp).update(pseudo_grad, server.opt_state, server.params)
         return server._replace(params=optax.apply_updates(server.params, updates),
-                               opt_state=opt_state, round=server.round + 1)
+                               opt_state=opt_state, round=server.round + 1, clip=clip)
+
+    def _private_sum(server: FedAvgServerState, decoded_sum, unclipped_count, num_clients):
+        """The clipped updates' sum with Gaussian noise, and the next round's clip norm."""
+        key = jax.random.fold_in(jax.random.fold_in(server.key, server.round), DP_NOISE_STREAM)
+        k_sum, k_count = jax.random.split(key)
+        std = dp.update_noise_multiplier * server.clip
+        noised = decoded_sum + std * jax.random.normal(k_sum, decoded_sum.shape, decoded_sum.dtype)
+        clip = server.clip
+        if dp.dp_clip_quantile > 0:  # geometric update towards the target quantile
+            count = unclipped_count
+            if dp.dp_noise_multiplier > 0:
+                count = count + dp.dp_count_stddev * jax.random.normal(k_count, ())
+            clip = clip * jnp.exp(-dp.dp_clip_lr * (count / num_clients - dp.dp_clip_quantile))
+        return noised, clip
 
     def evaluate(server: FedAvgServerState, batch: Batch, key):
         logits = model.apply({"params": server.params}, batch.x)
@@ -196,10 +279,10 @@ def layer_sizes(model: nn.Module, sample_x: jax.Array) -> list[int]:
     return [int(s.size) for s in jax.tree.leaves(shapes)]
 
 
-def _dense(compressor_for: Callable[[FedAvgConfig, int, list[int]], Compressor], name: str):
+def _dense(compressor_for: Callable[[DenseConfig, int, list[int]], Compressor], name: str):
     """Builder of a dense method: FedAvg with ``compressor_for(config, n, layer sizes)``."""
 
-    def build(arch: models.Architecture, config: FedAvgConfig) -> FederatedAlgorithm:
+    def build(arch: models.Architecture, config: DenseConfig) -> FederatedAlgorithm:
         model, sample_x = arch.build(masked=False), arch.sample_input()
         segments = layer_sizes(model, sample_x)
         return compressed_fedavg(model, sample_x, config, compressor_for(config, sum(segments), segments),
@@ -209,7 +292,8 @@ def _dense(compressor_for: Callable[[FedAvgConfig, int, list[int]], Compressor],
 
 
 def _spec(name: str, description: str, config: type, compressor_for) -> MethodSpec:
-    return MethodSpec(name, description, config, _dense(compressor_for, name), masked=False)
+    return MethodSpec(name, description, config, _dense(compressor_for, name), masked=False,
+                      host_hooks=privacy.accountant_hooks)
 
 
 SPECS = (
@@ -217,13 +301,13 @@ SPECS = (
           lambda c, n, seg: C.identity()),
     _spec("signsgd", "SignSGD, majority vote: sign of the update (1 bit per parameter)", SignSGDConfig,
           lambda c, n, seg: C.sign()),
-    _spec("ef_signsgd", "EF-SignSGD: per-layer scaled signs with error feedback", FedAvgConfig,
+    _spec("ef_signsgd", "EF-SignSGD: per-layer scaled signs with error feedback", DenseConfig,
           lambda c, n, seg: C.error_feedback(C.scaled_sign(seg))),
     _spec("topk", "Top-k with error feedback: k values and their positions", TopKConfig,
           lambda c, n, seg: C.error_feedback(C.top_k(c.topk_fraction, n))),
     _spec("qsgd", "QSGD: s-level stochastic quantisation per bucket, Elias-coded", QSGDConfig,
           lambda c, n, seg: C.qsgd(c.qsgd_levels, c.qsgd_bucket, n)),
-    _spec("terngrad", "TernGrad: per-layer scaled ternary update (2 bits per parameter)", FedAvgConfig,
+    _spec("terngrad", "TernGrad: per-layer scaled ternary update (2 bits per parameter)", DenseConfig,
           lambda c, n, seg: C.terngrad(seg)),
     _spec("drive", "DRIVE: signs after a random Hadamard rotation, one scale per chunk", DriveConfig,
           lambda c, n, seg: C.drive(c.drive_chunk, n)),

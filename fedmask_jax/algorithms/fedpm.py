@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedmask_jax import coding, masking, models
+from fedmask_jax import coding, masking, models, privacy
 from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree
 from fedmask_jax.config import check, setting
 
@@ -64,11 +64,21 @@ class FedPMConfig:
     export_mask: str = setting("auto", "The final model file <workdir>/model.fmjx: one mask sampled "
                                "from theta_g, or 1[theta_g > 0.5], or none (auto: sampled for "
                                "fedpm, thresholded for fedmask).", choices=EXPORT_MASKS)
+    mask_rr_epsilon: float = setting(
+        0.0, "Local DP: flip each uplink mask entry with probability 1/(1+e^eps) (randomized "
+        "response, eps per entry); the server debiases the counts (0 = off).", min=0)
+    dp_delta: float = setting(1e-5, "The delta at which the accountant reports epsilon (must be "
+                              "below 1 / --num_clients).", min=0, max=1, min_open=True, max_open=True)
+    target_epsilon: float = setting(0.0, "Stop the run at the last round whose epsilon stays within "
+                                    "this (0 = no target).", min=0)
     # FedMask-style: train and send the deterministic mask 1[s > 0] instead of a sample.
     deterministic: bool = setting(False, "Send 1[s > 0] instead of a sample.", flag=False)
 
     def __post_init__(self):
         check(self)
+        if self.target_epsilon > 0 and self.mask_rr_epsilon == 0:
+            raise ValueError("--target_epsilon needs --mask_rr_epsilon > 0 for a mask method: without "
+                             "randomized response there is no finite epsilon")
 
     def verified_clients(self, cohort_size: int) -> int:
         """How many clients' masks are range-coded and checked each round."""
@@ -132,6 +142,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
         return optax.adam(config.client_lr if hp is None else hp.client_lr)
 
     thresholded = model.clone(mask_mode="threshold")
+    flip = privacy.flip_probability(config.mask_rr_epsilon) if config.mask_rr_epsilon > 0 else 0.0
 
     def init_variables(key):
         return init_model_variables(model, sample_x, key)
@@ -179,6 +190,8 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
         else:
             masks = [jax.random.bernoulli(k, jax.nn.sigmoid(s)).astype(jnp.float32)
                      for k, s in zip(keys, leaves)]
+        if flip > 0:  # randomized response: what leaves the client is the flipped mask
+            masks = [randomized_response(jax.random.fold_in(k, RR_STREAM), m, flip) for k, m in zip(keys, masks)]
         ones = sum(jnp.sum(m) for m in masks)
         broadcast = jax.tree.leaves(server.scores)
         metrics = {
@@ -197,6 +210,8 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
         chex.assert_trees_all_equal_shapes_and_dtypes(mask_counts, server.scores)
         k = num_clients.astype(jnp.float32)
         hp = server.hp
+        if flip > 0:  # unbiased counts of the masks before their flips, within [0, K]
+            mask_counts = jax.tree.map(lambda c: jnp.clip(debias_counts(c, k, flip), 0.0, k), mask_counts)
         reset = server.round % hp.prior_reset_period == 0
         prior = lambda p: jnp.where(reset, hp.lambda0, p)  # noqa: E731
         # sum_k v_k of the smoothed masks, from the count of ones among the K masks
@@ -260,6 +275,20 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
     )
 
 
+RR_STREAM = 0x22  # randomized response's flips: fold_in(a mask leaf's sampling key, this)
+
+
+def randomized_response(key: jax.Array, mask: jax.Array, flip: float) -> jax.Array:
+    """Each entry of a binary mask flipped independently with probability ``flip``."""
+    return jnp.abs(mask - jax.random.bernoulli(key, flip, mask.shape).astype(mask.dtype))
+
+
+def debias_counts(counts: jax.Array, k: jax.Array, flip: float) -> jax.Array:
+    """Unbiased estimate of the number of ones among K masks from the count of ones among
+    their randomized-response copies: E[count] = c (1 - 2 flip) + K flip."""
+    return (counts - k * flip) / (1.0 - 2.0 * flip)
+
+
 def coded_bits_prior(mask: jax.Array, scores: jax.Array) -> jax.Array:
     """-sum log2 p(m_i | theta_i), theta = sigmoid(scores): the length of the range code with
     the broadcast as per-entry probability, as ``coding.encode(mask, theta)`` models it
@@ -306,7 +335,7 @@ def _masked_model(arch: models.Architecture, config: FedPMConfig) -> nn.Module:
 def _host_hooks(ctx):
     from fedmask_jax.algorithms import fedpm_host  # host-only: range coding, model files
 
-    return fedpm_host.hooks(ctx)
+    return [*fedpm_host.hooks(ctx), *privacy.accountant_hooks(ctx)]
 
 
 SPECS = (
