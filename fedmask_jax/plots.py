@@ -50,7 +50,9 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str) -> list[str]:
     for label, recs in runs:
         r = [x["round"] for x in recs]
         line, = ax.plot(r, [x["test_loss"] for x in recs], label=f"{label} test")
-        ax.plot(r, [x["train_loss"] for x in recs], ":", color=line.get_color(), label=f"{label} train")
+        trained = [x for x in recs if "train_loss" in x]  # a round no client reported has none
+        ax.plot([x["round"] for x in trained], [x["train_loss"] for x in trained], ":", color=line.get_color(),
+                label=f"{label} train")
     ax.set(xlabel="round", ylabel="cross-entropy", title="Loss", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -84,7 +84,7 @@ class Accountant:
 def noise_for_epsilon(target: float, delta: float, rounds: int, num_clients: int,
                       clients_per_round: int) -> float:
     """The DP-FedAvg noise multiplier whose epsilon after ``rounds`` rounds is ``target``
-    (uniform sampling), found by bisection on the accountant."""
+    (uniform sampling): the smallest found by bisection on the accountant."""
     def eps(z):
         return Accountant(gaussian_round(z, num_clients, clients_per_round), delta).epsilon(rounds)
 
@@ -95,6 +95,19 @@ def noise_for_epsilon(target: float, delta: float, rounds: int, num_clients: int
         mid = (low + high) / 2
         low, high = (mid, high) if eps(mid) > target else (low, mid)
     return high
+
+
+def entry_epsilon_for(target: float, delta: float, rounds: int, entries: int) -> float:
+    """The per-entry randomized-response epsilon whose whole-mask epsilon after ``rounds``
+    rounds is ``target``: the largest found by bisection on the accountant."""
+    def eps(e):
+        return Accountant(randomized_response_round(e, entries), delta).epsilon(rounds)
+
+    low, high = 0.0, target
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) <= target else (low, mid)
+    return low
 
 
 class PrivacyLedger(HostHook):
