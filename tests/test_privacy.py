@@ -184,3 +184,18 @@ def test_dp_settings_belong_to_the_methods_that_have_them(tmp_path, no_compiling
     with pytest.raises(ValueError, match="--mask_rr_epsilon does not apply to --algorithm=fedavg"):
         run(dataclasses.replace(TINY, algorithm="fedavg", workdir=str(tmp_path / "w"),
                                 method={"mask_rr_epsilon": 1.0}))
+
+
+@pytest.mark.slow
+def test_dp_calibrate_cli_prints_the_noise_for_the_target():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "experiments.dp_calibrate", "--target_epsilon=4", "--rounds=20",
+                           "--num_clients=100", "--clients_per_round=10"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    z = float(proc.stdout.strip().split("=")[1])
+    assert z == pytest.approx(privacy.noise_for_epsilon(4.0, 1e-5, 20, 100, 10), rel=1e-5)
+    bad = subprocess.run([sys.executable, "-m", "experiments.dp_calibrate", "--target_epsilon=4", "--rounds=20",
+                          "--num_clients=10", "--dp_delta=0.5"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --dp_delta must be in (0, 1/--num_clients")

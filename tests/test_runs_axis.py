@@ -66,6 +66,16 @@ def test_dense_runs_in_one_program_match_each_alone(tmp_path):
     _batch_vs_alone(tmp_path, cfgs, KEYS)
 
 
+def test_heterogeneous_federations_in_one_program_match_each_alone(tmp_path):
+    """Stragglers, drops and availability differ per run only in the cohort's values."""
+    base = dataclasses.replace(BASE, rounds=3, local_epochs=2)
+    cfgs = [dataclasses.replace(base, seed=0, local_work="uniform:0.3,1.0", straggler_policy="partial"),
+            dataclasses.replace(base, seed=1, local_work="uniform:0.3,1.0", round_deadline=1.5,
+                                straggler_policy="drop", availability="bernoulli:0.8"),
+            dataclasses.replace(base, seed=2)]
+    _batch_vs_alone(tmp_path, cfgs, KEYS + MASK_KEYS + ("reported_clients",))
+
+
 def test_shape_key_groups_what_can_share_a_program():
     key = experiment.shape_key
     assert key(BASE) == key(dataclasses.replace(BASE, seed=5, workdir="x", method={"client_lr": 0.3,
