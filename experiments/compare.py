@@ -4,14 +4,22 @@
 
 The setting (dataset, model, split, seed, rounds, clients, local epochs, batch) comes from the
 run flags given here and is the same for every method, so every method sees the same client
-data and the same cohorts. Each method's own hyperparameters come from
-``<method_configs>/<method>.flags``, which may only set method flags (checked before anything
-runs). Each method runs as an ``experiments.run`` subprocess in ``<compare_dir>/<method>``
-with ``--resume``: re-running the command skips finished methods and continues interrupted
-ones; a failed method is reported and the others go on.
+data and the same cohorts. Each entry of ``--methods`` names a flagfile
+``<method_configs>/<entry>.flags`` holding a method's hyperparameters: ``fedpm.flags`` for
+fedpm, or a variant such as ``fedpm_kaiming.flags`` (its ``--algorithm`` says which method);
+it may only set method flags (checked before anything runs). Each entry runs as an
+``experiments.run`` subprocess in ``<compare_dir>/<entry>`` with ``--resume``: re-running the
+command skips finished runs and continues interrupted ones; a failed run is reported and the
+others go on.
 
-Writes ``compare.json`` (one object per method), ``compare.md`` and the PNG plots
-``compare_accuracy.png`` and ``compare_accuracy_vs_uplink.png`` in ``--compare_dir``.
+``--seeds`` repeats the entries of ``--seeds_for`` (``topN_baselines``: the N baselines -- not
+fedpm or klms -- with the best final accuracy at the setting's seed) at more seeds, in
+``<compare_dir>/<entry>@seed<s>``; the table gives their mean and standard deviation.
+``--second_setting`` runs ``--second_methods`` once more with those run flags added (e.g. a
+non-IID split), in ``<compare_dir>/<second_name>/``, with its own table and plots.
+
+Writes ``compare.json`` (one object per run), ``compare.md`` and the PNG plots
+``compare_accuracy.png`` and ``compare_accuracy_vs_uplink.png`` in each setting's folder.
 """
 
 from __future__ import annotations
@@ -34,6 +42,13 @@ flags.DEFINE_string("method_configs", "experiments/configs/methods",
 flags.DEFINE_string("compare_dir", "runs/compare", "Folder for one workdir per method and the table.")
 flags.DEFINE_float("target_accuracy", 0.8, "Accuracy for the rounds-to-target and MB-to-target columns.")
 flags.DEFINE_bool("report_only", False, "Only rebuild the table and plots from finished methods.")
+flags.DEFINE_list("seeds", [], "More seeds for the --seeds_for entries (beside the setting's --seed).")
+flags.DEFINE_list("seeds_for", [], "Entries repeated at every --seeds seed; topN_baselines = the N "
+                  "baselines with the best final accuracy at the setting's seed.")
+flags.DEFINE_string("second_setting", "", "Run flags of a second setting for --second_methods, e.g. "
+                    "'--split=noniid --classes_per_client=2' (empty: none).")
+flags.DEFINE_list("second_methods", [], "Entries run in the second setting.")
+flags.DEFINE_string("second_name", "noniid", "Folder (under --compare_dir) of the second setting.")
 
 # What a method's flagfile may set: the methods' hyperparameters (each method's config
 # dataclass), never the shared setting.
@@ -41,12 +56,24 @@ METHOD_FLAGS = frozenset(method_flag_names())
 _NOT_PASSED = {"workdir", "resume", "algorithm", "flagfile"}
 
 
+def entry_algorithm(entry: str, folder: str) -> str:
+    """The method an entry's flagfile runs (checked as ``method_flagfile`` checks it)."""
+    method_flagfile(entry, folder)
+    with open(os.path.join(folder, f"{entry}.flags")) as f:
+        for line in f:
+            if line.strip().startswith("--algorithm="):
+                return line.strip().split("=", 1)[1].strip()
+    raise AssertionError("unreachable: method_flagfile checked --algorithm")
+
+
 def method_flagfile(method: str, folder: str) -> str:
-    """The method's flagfile, checked: it exists, sets only method flags, names this method."""
+    """An entry's flagfile, checked: it exists, sets only method flags, and names a method --
+    the entry itself when the entry is a method's name, any method for a variant."""
     path = os.path.join(folder, f"{method}.flags")
-    if method not in METHODS:
-        raise ValueError(f"--methods: {method!r} is unknown; allowed: {', '.join(METHODS)}")
     if not os.path.isfile(path):
+        if method not in METHODS:
+            raise ValueError(f"--methods: {method!r} is unknown: neither a method ({', '.join(METHODS)}) "
+                             f"nor a flagfile {path}")
         raise ValueError(f"--methods: no flagfile {path} for {method!r}; write one or change "
                          "--method_configs")
     algorithm = None
@@ -60,12 +87,17 @@ def method_flagfile(method: str, folder: str) -> str:
             if name not in METHOD_FLAGS:
                 raise ValueError(f"{path}:{number}: --{name} is part of the shared setting, not a "
                                  f"method hyperparameter; set it in the comparison's flags")
-            if name != "algorithm" and name not in METHODS[method].config.__dataclass_fields__:
-                raise ValueError(f"{path}:{number}: --{name} is not a setting of {method}")
             if name == "algorithm":
                 algorithm = line.split("=", 1)[1].strip()
-    if algorithm != method:
-        raise ValueError(f"{path} must contain --algorithm={method}")
+                if algorithm not in METHODS:
+                    raise ValueError(f"{path}:{number}: --algorithm={algorithm} is unknown; allowed: "
+                                     f"{', '.join(METHODS)}")
+            elif algorithm is None:
+                raise ValueError(f"{path}:{number}: --algorithm=... must come first")
+            elif name not in METHODS[algorithm].config.__dataclass_fields__:
+                raise ValueError(f"{path}:{number}: --{name} is not a setting of {algorithm}")
+    if algorithm is None or (method in METHODS and algorithm != method):
+        raise ValueError(f"{path} must contain --algorithm={method if method in METHODS else '<method>'}")
     return path
 
 
@@ -78,52 +110,132 @@ def shared_setting(method: str) -> list[str]:
             if F[name].present and (name not in METHOD_FLAGS or name in own)]
 
 
-def report(methods: list[str], compare_dir: str, status: dict[str, str], target: float) -> list[dict]:
+def report(methods: list[str], compare_dir: str, status: dict[str, str], target: float,
+           repeats: dict[str, list[str]] | None = None) -> list[dict]:
+    """``repeats``: entry -> the run names of its other seeds (``<entry>@seed<s>``)."""
     from fedmask_jax import comparison
     from fedmask_jax.outputs import write_json_atomic
     from fedmask_jax.plots import plot_comparison
 
     rows, done = [], []
-    for method in methods:
+    names = methods + [r for entry in methods for r in (repeats or {}).get(entry, [])]
+    for method in names:
         workdir = os.path.join(compare_dir, method)
         if os.path.isfile(os.path.join(workdir, "summary.json")):
             rows.append(comparison.method_row(method, workdir, target))
-            done.append((method, workdir))
+            if method in methods:
+                done.append((method, workdir))
         else:
             rows.append({"method": method, "status": status.get(method, "not run")})
     write_json_atomic(os.path.join(compare_dir, "compare.json"), rows)
+    text = comparison.markdown_table(rows)
+    groups = {entry: [entry, *(repeats or {}).get(entry, [])] for entry in methods if (repeats or {}).get(entry)}
+    if groups:
+        text += "\n" + comparison.seeds_table(rows, groups)
     with open(os.path.join(compare_dir, "compare.md"), "w") as f:
-        f.write(comparison.markdown_table(rows))
+        f.write(text)
     if done:
         plot_comparison(done, compare_dir, target)
     return rows
+
+
+def _run(name: str, algorithm: str, compare_dir: str, passthrough: list[str], status: dict,
+         seed: str | None = None) -> None:
+    workdir = os.path.join(compare_dir, name)
+    if os.path.isfile(os.path.join(workdir, "summary.json")):
+        print(f"compare: {name} already done", flush=True)
+        return
+    print(f"compare: running {name} ({METHODS[algorithm].description}) ...", flush=True)
+    point = {"algorithm": algorithm, **({"seed": seed} if seed is not None else {})}
+    rc = run_point(point, workdir, passthrough)
+    status[name] = outcome(rc, f"{workdir}/sweep_log.txt")
+    print(f"compare: {name} {status[name]}", flush=True)
+
+
+def strongest_baselines(rows: list[dict], algorithms: dict[str, str], n: int) -> list[str]:
+    """The ``n`` finished entries that are not FedPM's own (fedpm, klms) with the best final
+    test accuracy."""
+    done = [r for r in rows if "final_test_accuracy" in r and algorithms.get(r["method"]) not in (None, *OWN)]
+    return [r["method"] for r in sorted(done, key=lambda r: -r["final_test_accuracy"])[:n]]
+
+
+OWN = ("fedpm", "klms")  # the method under study and its descendant; the rest are baselines
+
+
+def _seed_entries(spec: list[str], rows: list[dict], algorithms: dict[str, str]) -> list[str]:
+    out = []
+    for item in spec:
+        if item.startswith("top") and item.endswith("_baselines"):
+            out += strongest_baselines(rows, algorithms, int(item[3:-len("_baselines")]))
+        else:
+            out.append(item)
+    return list(dict.fromkeys(out))
+
+
+def _check_seed_spec(spec: list[str], entries: list[str]) -> None:
+    for item in spec:
+        if item.startswith("top") and item.endswith("_baselines"):
+            if not item[3:-len("_baselines")].isdigit():
+                raise ValueError(f"--seeds_for: {item!r} must be topN_baselines with a number N")
+        elif item not in entries:
+            raise ValueError(f"--seeds_for: {item!r} is not one of --methods")
+
+
+def _second_setting_flags() -> list[str]:
+    extra = F.second_setting.split()
+    for item in extra:
+        name = item.lstrip("-").split("=", 1)[0]
+        name = name[2:] if name.startswith("no") and name[2:] in {f.name for f in flag_fields(RunConfig)} else name
+        if not item.startswith("--") or name not in {f.name for f in flag_fields(RunConfig)} - _NOT_PASSED:
+            raise ValueError(f"--second_setting: {item!r} is not a run flag of experiments.run")
+    return extra
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     try:
-        files = {m: method_flagfile(m, F.method_configs) for m in F.methods}
+        entries = list(dict.fromkeys(F.methods + F.second_methods))
+        files = {m: method_flagfile(m, F.method_configs) for m in entries}
+        algorithms = {m: entry_algorithm(m, F.method_configs) for m in entries}
         if not 0 < F.target_accuracy <= 1:
             raise ValueError(f"--target_accuracy must be in (0, 1], got {F.target_accuracy}")
+        _check_seed_spec(F.seeds_for, F.methods)
+        seeds = [str(int(s)) for s in F.seeds]
+        second = _second_setting_flags()
+        if F.second_methods and not second:
+            raise ValueError("--second_methods needs --second_setting")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     os.makedirs(F.compare_dir, exist_ok=True)
     status = {}
-    for method in F.methods:
-        workdir = os.path.join(F.compare_dir, method)
-        if F.report_only:
-            continue
-        if os.path.isfile(os.path.join(workdir, "summary.json")):
-            print(f"compare: {method} already done", flush=True)
-            continue
-        print(f"compare: running {method} ({METHODS[method].description}) ...", flush=True)
-        rc = run_point({"algorithm": method}, workdir, [*shared_setting(method), f"--flagfile={files[method]}"])
-        status[method] = outcome(rc, f"{workdir}/sweep_log.txt")
-        print(f"compare: {method} {status[method]}", flush=True)
+
+    def passthrough(entry, extra=()):
+        return [*shared_setting(algorithms[entry]), *extra, f"--flagfile={files[entry]}"]
+
+    if not F.report_only:
+        for entry in F.methods:
+            _run(entry, algorithms[entry], F.compare_dir, passthrough(entry), status)
     rows = report(F.methods, F.compare_dir, status, F.target_accuracy)
+    repeats = {}
+    if seeds and F.seeds_for:
+        for entry in _seed_entries(F.seeds_for, rows, algorithms):
+            repeats[entry] = [f"{entry}@seed{s}" for s in seeds]
+            for s, name in zip(seeds, repeats[entry]):
+                if not F.report_only:
+                    _run(name, algorithms[entry], F.compare_dir, passthrough(entry), status, seed=s)
+        rows = report(F.methods, F.compare_dir, status, F.target_accuracy, repeats)
     print(open(os.path.join(F.compare_dir, "compare.md")).read())
+    if second and F.second_methods:
+        folder = os.path.join(F.compare_dir, F.second_name)
+        os.makedirs(folder, exist_ok=True)
+        if not F.report_only:
+            for entry in F.second_methods:
+                _run(entry, algorithms[entry], folder, passthrough(entry, second), status)
+        rows += report(F.second_methods, folder, status, F.target_accuracy)
+        print(f"{F.second_name} ({' '.join(second)}):")
+        print(open(os.path.join(folder, "compare.md")).read())
     # A diverged method is a result (reported in the table); a failed or missing one is not.
     if any(r["status"] == "not run" or r["status"].startswith("failed") for r in rows):
         sys.exit(1)

@@ -75,3 +75,22 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append("—" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + f" | {row['status']} |")
     return "\n".join(lines) + "\n"
+
+
+def seeds_table(rows: list[dict], groups: dict[str, list[str]]) -> str:
+    """Mean and standard deviation over each entry's seeds (finished runs only)."""
+    import statistics
+
+    by = {r["method"]: r for r in rows}
+    lines = ["| method | seeds | final test acc (mean ± std) | best test acc (mean ± std) | uplink bits/param/client |",
+             "|---|---|---|---|---|"]
+    for entry, names in groups.items():
+        done = [by[n] for n in names if "final_test_accuracy" in by.get(n, {})]
+        if not done:
+            continue
+        stat = lambda k: (statistics.fmean(r[k] for r in done),  # noqa: E731
+                          statistics.stdev(r[k] for r in done) if len(done) > 1 else 0.0)
+        (fm, fs), (bm, bs) = stat("final_test_accuracy"), stat("best_test_accuracy")
+        lines.append(f"| {entry} | {len(done)} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} | "
+                     f"{statistics.fmean(r['mean_uplink_bpp'] for r in done):.4f} |")
+    return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ def _expected_bits(name: str) -> float | None:
         "topk": math.ceil(0.01 * N) * (32 + math.ceil(math.log2(N))),
         "terngrad": 2 * N + 32 * len(SEGMENTS),
         "drive": 4096 + 32,  # 2,410 entries: one rotation padded to 4,096, one scale
+        "eden": 2 * 4096 + 32,  # 2 bits per rotated entry, one scale
     }.get(name)
 
 

@@ -87,23 +87,67 @@ def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
     from fedmask_jax.algorithms.registry import METHODS
 
     setting = os.path.join(ROOT, "experiments", "configs", "fmnist_mlp_compare.flags")
-    assert sorted(f[:-6] for f in os.listdir(METHODS_DIR)) == sorted(METHODS)
-    for method in METHODS:
-        path = compare.method_flagfile(method, METHODS_DIR)
+    entries = sorted(f[:-6] for f in os.listdir(METHODS_DIR))
+    assert set(METHODS) <= set(entries)  # every method has its flagfile; the rest are variants
+    for entry in entries:
+        path = compare.method_flagfile(entry, METHODS_DIR)
         text = open(path).read()
         assert "tuned here" in text or "reference code" in text or "paper" in text, path
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["prog", f"--flagfile={setting}", f"--flagfile={path}"])
         cfg = run_cli.config_from_flags()  # builds and checks the RunConfig
-        assert cfg.algorithm == method
+        assert cfg.algorithm == compare.entry_algorithm(entry, METHODS_DIR)
+        assert entry not in METHODS or cfg.algorithm == entry
     configs = os.path.join(ROOT, "experiments", "configs")
     shipped = sorted(f for f in os.listdir(configs) if f.startswith("compare") and f.endswith(".flags"))
     assert "compare_fmnist.flags" in shipped
     for name in shipped:  # each comparison flagfile parses and its shared setting is valid
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["prog", f"--flagfile={os.path.join(configs, name)}"])
-        assert flags.FLAGS.methods == list(METHODS)
-        for method in flags.FLAGS.methods:
+        assert set(flags.FLAGS.methods) >= set(METHODS) - {"klms", "eden"} or "cpu" in name
+        for method in flags.FLAGS.methods + flags.FLAGS.second_methods:
             compare.method_flagfile(method, os.path.join(ROOT, flags.FLAGS.method_configs))
         run_cli.config_from_flags()
     flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.slow
+def test_variants_seeds_and_a_second_setting(tmp_path):
+    """A variant flagfile of a method, more seeds for chosen entries and the strongest
+    baseline, and a second (non-IID) setting, each in its own workdir; the tables aggregate."""
+    folder = tmp_path / "methods"
+    folder.mkdir()
+    for name in ("fedpm", "fedavg", "signsgd"):
+        (folder / f"{name}.flags").write_text(open(os.path.join(METHODS_DIR, f"{name}.flags")).read())
+    (folder / "fedpm_kaiming.flags").write_text("--algorithm=fedpm\n--weight_init=signed_kaiming\n")
+    out = tmp_path / "cmp"
+    args = [*SETTING, "--methods=fedpm,fedpm_kaiming,fedavg,signsgd", f"--method_configs={folder}",
+            f"--compare_dir={out}", "--target_accuracy=0.3", "--seeds=1", "--seeds_for=fedpm,top1_baselines",
+            "--second_setting=--split=noniid --classes_per_client=2", "--second_methods=fedpm,fedavg"]
+    proc = _compare(*args)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    with open(out / "fedpm_kaiming" / "config.json") as f:
+        cfg = json.load(f)["config"]
+    assert cfg["algorithm"] == "fedpm" and cfg["method"]["weight_init"] == "signed_kaiming"
+    rows = {r["method"]: r for r in json.load(open(out / "compare.json"))}
+    best = max(("fedavg", "signsgd"), key=lambda m: rows[m]["final_test_accuracy"])
+    assert set(rows) == {"fedpm", "fedpm_kaiming", "fedavg", "signsgd", "fedpm@seed1", f"{best}@seed1"}
+    with open(out / "fedpm@seed1" / "config.json") as f:
+        assert json.load(f)["config"]["seed"] == 1
+    table = open(out / "compare.md").read()
+    accs = [rows["fedpm"]["final_test_accuracy"], rows["fedpm@seed1"]["final_test_accuracy"]]
+    mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / 2 ** 0.5
+    assert f"| fedpm | 2 | {mean:.4f} ± {std:.4f} |" in table
+    second = {r["method"]: r for r in json.load(open(out / "noniid" / "compare.json"))}
+    assert set(second) == {"fedpm", "fedavg"}
+    with open(out / "noniid" / "fedpm" / "config.json") as f:
+        c = json.load(f)["config"]
+    assert c["split"] == "noniid" and c["classes_per_client"] == 2
+    again = _compare(*args)
+    assert again.returncode == 0 and again.stdout.count("already done") == 8
+    bad = _compare(*SETTING, "--methods=fedpm", f"--method_configs={folder}", "--seeds=1",
+                   "--seeds_for=fedavg", f"--compare_dir={out}")
+    assert bad.returncode == 2 and "--seeds_for: 'fedavg' is not one of --methods" in bad.stderr
+    bad = _compare(*SETTING, "--methods=fedpm", f"--method_configs={folder}", "--second_methods=fedpm",
+                   "--second_setting=--client_lr=0.3", f"--compare_dir={out}")
+    assert bad.returncode == 2 and "is not a run flag" in bad.stderr

@@ -201,6 +201,90 @@ def fwht(x: jax.Array) -> jax.Array:
     return x
 
 
+class _Rotation(NamedTuple):
+    """Randomized Hadamard rotations over chunks of a flat vector (DRIVE, EDEN)."""
+
+    groups: list[tuple[int, int]]  # (number of chunks, chunk size)
+    split: Callable[[jax.Array], list[jax.Array]]  # vector -> [chunks, size] per group
+    diagonals: Callable[[jax.Array], list[jax.Array]]  # shared key -> random signs per group
+
+
+def _rotation(chunk: int, num_params: int, flag: str) -> _Rotation:
+    """Chunks of ``chunk`` entries; the entries left over after the full chunks form one
+    last chunk, zero-padded to the next power of 2."""
+    if chunk < 2 or chunk & (chunk - 1):
+        raise ValueError(f"{flag} must be a power of 2 >= 2, got {chunk}")
+    full, tail = divmod(num_params, chunk)
+    tail_size = 1 << max(1, math.ceil(math.log2(tail))) if tail else 0
+    groups = [(n, d) for n, d in ((full, chunk), (1 if tail else 0, tail_size)) if n]
+
+    def split(u):
+        parts = [u[: full * chunk].reshape(full, chunk)] if full else []
+        if tail:
+            parts.append(jnp.pad(u[full * chunk:], (0, tail_size - tail))[None])
+        return parts
+
+    def diagonals(key):
+        return [jnp.where(jax.random.bernoulli(jax.random.fold_in(key, i), 0.5, (n, d)), 1.0, -1.0)
+                for i, (n, d) in enumerate(groups)]
+
+    return _Rotation(groups, split, diagonals)
+
+
+def lloyd_max_normal(levels: int, iterations: int = 500) -> np.ndarray:
+    """The ``levels`` centroids of the Lloyd-Max quantizer of a standard normal (float64):
+    each centroid the conditional mean of its cell, each boundary the midpoint of two."""
+    from scipy.stats import norm
+
+    c = norm.ppf((np.arange(levels) + 0.5) / levels)
+    for _ in range(iterations):
+        t = np.concatenate([[-np.inf], (c[1:] + c[:-1]) / 2, [np.inf]])
+        c = (norm.pdf(t[:-1]) - norm.pdf(t[1:])) / (norm.cdf(t[1:]) - norm.cdf(t[:-1]))
+    return c
+
+
+def eden(bits: int, chunk: int, num_params: int) -> Compressor:
+    """EDEN (Vargaftik et al., ICML 2022), integer ``bits`` per entry, over chunks of ``chunk``.
+
+    Each chunk x is rotated as in DRIVE, y = H D x / sqrt(d); its entries, normalised to
+    y * sqrt(d) / ||x|| (close to standard normal after the rotation), are quantised to the
+    nearest of the 2^bits Lloyd-Max centroids of N(0, 1); the client sends the centroid
+    indices and the scale S = ||x||^2 / <y, q> (q: the chosen centroids), which makes the
+    estimate unbiased over the rotation; the server returns S * D H q / sqrt(d). At one bit
+    the centroids are +-c and this is DRIVE. Bits: ``bits`` per rotated entry plus 32 per scale.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"--eden_bits must be between 1 and 8, got {bits}")
+    rot = _rotation(chunk, num_params, "--eden_chunk")
+    centroids = lloyd_max_normal(2 ** bits)
+    table = jnp.asarray(centroids, jnp.float32)
+    boundaries = jnp.asarray((centroids[1:] + centroids[:-1]) / 2, jnp.float32)
+
+    def encode(u, key):
+        indices, scales = [], []
+        for x, diag in zip(rot.split(u), rot.diagonals(key)):
+            d = x.shape[1]
+            y = fwht(x * diag) / math.sqrt(d)
+            norm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
+            index = jnp.searchsorted(boundaries, y * math.sqrt(d) / jnp.where(norm > 0, norm, 1.0))
+            dot = jnp.sum(y * table[index], axis=1)
+            scales.append(jnp.where(dot > 0, norm[:, 0] ** 2 / jnp.where(dot > 0, dot, 1.0), 0.0))
+            indices.append(index.astype(jnp.uint8).reshape(-1))
+        return {"levels": jnp.concatenate(indices), "scales": jnp.concatenate(scales)}
+
+    def decode(m, key):
+        out, start, first = [], 0, 0
+        for (n, d), diag in zip(rot.groups, rot.diagonals(key)):
+            q = table[m["levels"][start:start + n * d].astype(jnp.int32)].reshape(n, d)
+            scale = m["scales"][first:first + n, None]
+            out.append((fwht(q) / math.sqrt(d) * diag * scale).reshape(-1))
+            start, first = start + n * d, first + n
+        return jnp.concatenate(out)[:num_params]
+
+    return _stateless("eden", encode, decode,
+                      lambda m: jnp.float32(bits * m["levels"].size + FLOAT_BITS * m["scales"].size))
+
+
 def drive(chunk: int, num_params: int) -> Compressor:
     """DRIVE (Vargaftik et al. 2021), unbiased variant, over chunks of ``chunk`` entries.
 

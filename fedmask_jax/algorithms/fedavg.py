@@ -135,6 +135,14 @@ class DriveConfig(DenseConfig):
                                check=_power_of_two)
 
 
+@dataclasses.dataclass(frozen=True)
+class EdenConfig(DenseConfig):
+    eden_bits: int = setting(2, "eden: bits per rotated entry (Lloyd-Max levels 2^bits; 1 bit is "
+                             "DRIVE).", min=1, max=8)
+    eden_chunk: int = setting(4096, "eden: Hadamard rotation size (one scale per chunk).",
+                              check=_power_of_two)
+
+
 def make_optimizer(kind: str, lr: float, momentum: float) -> optax.GradientTransformation:
     if kind == "adam":
         return optax.adam(lr)
@@ -311,4 +319,6 @@ SPECS = (
           lambda c, n, seg: C.terngrad(seg)),
     _spec("drive", "DRIVE: signs after a random Hadamard rotation, one scale per chunk", DriveConfig,
           lambda c, n, seg: C.drive(c.drive_chunk, n)),
+    _spec("eden", "EDEN: Lloyd-Max levels of a random Hadamard rotation, one unbiasing scale per chunk",
+          EdenConfig, lambda c, n, seg: C.eden(c.eden_bits, c.eden_chunk, n)),
 )

@@ -9,6 +9,7 @@ follow the authors' code (docs/design.md, "The method").
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import chex
@@ -64,6 +65,10 @@ class FedPMConfig:
     export_mask: str = setting("auto", "The final model file <workdir>/model.fmjx: one mask sampled "
                                "from theta_g, or 1[theta_g > 0.5], or none (auto: sampled for "
                                "fedpm, thresholded for fedmask).", choices=EXPORT_MASKS)
+    mask_entropy_reg: float = setting(
+        0.0, "Add this times the mean binary entropy of the keep-probabilities sigmoid(s) to the "
+        "local loss (Mestoukirdi et al. 2023): pushes them to 0 or 1, lowering the masks' coded "
+        "size (0 = off).", min=0)
     mask_rr_epsilon: float = setting(
         0.0, "Local DP: flip each uplink mask entry with probability 1/(1+e^eps) (randomized "
         "response, eps per entry); the server debiases the counts (0 = off).", min=0)
@@ -89,6 +94,33 @@ class FedPMConfig:
         return min(int(self.verify_coded_clients), cohort_size)
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class KLMSConfig(FedPMConfig):
+    """FedPM whose uplink is KL-minimizing side-information coding (Isik, Pase et al., AISTATS
+    2024; the authors' FedPM-KLMS): per block of mask entries, candidates drawn from the
+    broadcast Bernoulli(theta_g) with randomness the server shares, one chosen by importance
+    weight q/p (q: the client's trained keep-probabilities), its index sent."""
+
+    klms_adaptive: bool = setting(True, "klms: blocks grow until their KL(q||p) would pass "
+                                  "--klms_kl_rate bits (at most 256 entries; each block's size sent "
+                                  "in 8 bits); else fixed blocks of --klms_block_size.")
+    klms_kl_rate: int = setting(2, "klms, adaptive: bits per block (2^this candidates).", min=1, max=16)
+    klms_block_size: int = setting(8, "klms, fixed blocks: entries per block.", min=1)
+    klms_samples_log2: int = setting(1, "klms, fixed blocks: bits per block (2^this candidates).",
+                                     min=1, max=16)
+    coded_uplink: bool = setting(False, "Range-code uplink masks for real (constriction) on the host, "
+                                 "off the critical path, to verify the exact code lengths the round "
+                                 "computes on the device.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.coded_uplink:
+            raise ValueError("--coded_uplink does not apply to klms: its uplink is block indices, "
+                             "not a range-coded mask")
+        if self.mask_rr_epsilon > 0:
+            raise ValueError("--mask_rr_epsilon does not apply to klms: its message is a sample index")
 
 
 class FedPMHyper(NamedTuple):
@@ -137,7 +169,10 @@ def fedmask(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> Feder
 
 def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
           name: str = "fedpm") -> FederatedAlgorithm:
-    """Builds FedPM for a masked Flax ``model``; ``sample_x`` is one input batch for shapes."""
+    """Builds FedPM for a masked Flax ``model``; ``sample_x`` is one input batch for shapes.
+    A ``KLMSConfig`` makes it FedPM-KLMS: the same training and server, the uplink coded by
+    ``klms_encode``."""
+    klms = config if isinstance(config, KLMSConfig) else None
     def optimizer(hp: FedPMHyper | None = None):  # the learning rate only scales updates
         return optax.adam(config.client_lr if hp is None else hp.client_lr)
 
@@ -175,14 +210,19 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
     def loss_fn(scores, frozen, batch: Batch, key):
         logits = model.apply({"params": scores, "frozen": frozen}, batch.x, rngs={"mask": key})
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
-        return jnp.sum(ce * batch.mask) / jnp.maximum(jnp.sum(batch.mask), 1.0)
+        ce = jnp.sum(ce * batch.mask) / jnp.maximum(jnp.sum(batch.mask), 1.0)
+        if config.mask_entropy_reg > 0:
+            return ce + config.mask_entropy_reg * mean_mask_entropy(scores), ce
+        return ce, ce
 
     def client_step(server, state: FedPMClientState, batch: Batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state.scores, server.frozen, batch, key)
+        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.scores, server.frozen, batch, key)
         updates, opt_state = optimizer(server.hp).update(grads, state.opt_state, state.scores)
         return FedPMClientState(optax.apply_updates(state.scores, updates), opt_state), loss
 
     def client_finish(server, state: FedPMClientState, persistent, num_examples, key):
+        if klms is not None:
+            return klms_finish(server, state, persistent, key)
         leaves, treedef = jax.tree.flatten(state.scores)
         keys = jax.random.split(key, len(leaves))
         if config.deterministic:
@@ -205,6 +245,22 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
         }
         kept = state.opt_state if config.persistent_client_optimizer else persistent
         return ClientResult(jax.tree.unflatten(treedef, masks), kept, metrics)
+
+    def klms_finish(server, state: FedPMClientState, persistent, key):
+        q = _flat_probabilities(state.scores)
+        p = _flat_probabilities(server.scores)
+        message = klms_encode(q, p, key, klms)
+        mask = klms_decode(message, p, key, klms)  # what the server reconstructs from the index
+        ones = jnp.sum(mask)
+        metrics = {
+            "uplink_bpp": klms_bits(message, klms) / num_params,
+            "klms_kl_bpp": jnp.sum(kl_bits(q, p)) / num_params,  # the realised KL(q || p)
+            "klms_blocks": message.blocks.astype(jnp.float32),
+            "mask_density": ones / num_params,
+            "downlink_bpp": downlink_bits(server.scores) / num_params,
+        }
+        kept = state.opt_state if config.persistent_client_optimizer else persistent
+        return ClientResult(unflat_like(mask, server.scores), kept, metrics)
 
     def server_update(server: FedPMServerState, mask_counts, num_clients):
         chex.assert_trees_all_equal_shapes_and_dtypes(mask_counts, server.scores)
@@ -276,6 +332,119 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
 
 
 RR_STREAM = 0x22  # randomized response's flips: fold_in(a mask leaf's sampling key, this)
+KLMS_SHARED, KLMS_PRIVATE = 0x4B1, 0x4B2  # klms: fold_in(client finish key, this)
+KLMS_MAX_BLOCK = 256  # adaptive blocks' largest size: each block's size costs 8 bits
+_P_CLIP = 1e-6
+
+
+def mean_mask_entropy(scores: PyTree) -> jax.Array:
+    """Mean binary entropy (nats) of the keep-probabilities sigmoid(s) over every entry:
+    H = sigmoid(s) softplus(-s) + sigmoid(-s) softplus(s), stable for any s. Its gradient
+    in s is -s sigmoid(s) (1 - sigmoid(s)) per entry, over the number of entries."""
+    leaves = jax.tree.leaves(scores)
+    total = sum(jnp.sum(jax.nn.sigmoid(s) * jax.nn.softplus(-s) + jax.nn.sigmoid(-s) * jax.nn.softplus(s))
+                for s in leaves)
+    return total / sum(s.size for s in leaves)
+
+
+def _flat_probabilities(scores: PyTree) -> jax.Array:
+    flat_scores = jnp.concatenate([s.ravel() for s in jax.tree.leaves(scores)])
+    return jnp.clip(jax.nn.sigmoid(flat_scores), _P_CLIP, 1.0 - _P_CLIP)
+
+
+def unflat_like(vector: jax.Array, like: PyTree) -> PyTree:
+    leaves, treedef = jax.tree.flatten(like)
+    out, start = [], 0
+    for leaf in leaves:
+        out.append(vector[start:start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
+        start += leaf.size
+    return jax.tree.unflatten(treedef, out)
+
+
+def kl_bits(q: jax.Array, p: jax.Array) -> jax.Array:
+    """KL(Bernoulli(q) || Bernoulli(p)) per entry, in bits."""
+    return (q * (jnp.log2(q) - jnp.log2(p)) + (1 - q) * (jnp.log2(1 - q) - jnp.log2(1 - p)))
+
+
+class KLMSMessage(NamedTuple):
+    """A klms uplink: one candidate index per block (entries past ``blocks`` are unused) and
+    each entry's block (sent as the block sizes when adaptive; known to both ends if fixed)."""
+
+    indices: jax.Array  # [n] int32
+    block_of: jax.Array  # [n] int32
+    blocks: jax.Array  # int32: number of blocks
+
+
+def klms_blocks(q: jax.Array, p: jax.Array, cfg: KLMSConfig) -> jax.Array:
+    """Each entry's block: fixed blocks of ``klms_block_size``, or (adaptive) a block closes
+    before the entry that would take its KL(q||p) above ``klms_kl_rate`` bits, or at 256
+    entries (the authors' greedy rule; the entry that closes a block starts the next one with
+    its own KL counted)."""
+    n = q.shape[0]
+    if not cfg.klms_adaptive:
+        return (jnp.arange(n) // cfg.klms_block_size).astype(jnp.int32)
+
+    def step(carry, kl):
+        block, run_kl, size = carry
+        close = (size > 0) & ((run_kl + kl > cfg.klms_kl_rate) | (size >= KLMS_MAX_BLOCK))
+        block = block + close
+        run_kl = jnp.where(close, kl, run_kl + kl)
+        size = jnp.where(close, 1, size + 1)
+        return (block, run_kl, size), block
+
+    _, block_of = jax.lax.scan(step, (jnp.int32(0), jnp.float32(0.0), jnp.int32(0)), kl_bits(q, p))
+    return block_of
+
+
+def _klms_samples(cfg: KLMSConfig) -> int:
+    return 2 ** (cfg.klms_kl_rate if cfg.klms_adaptive else cfg.klms_samples_log2)
+
+
+def _candidate(shared: jax.Array, j, p: jax.Array) -> jax.Array:
+    """Candidate ``j`` for every block at once: entry i is 1 with probability p_i, drawn from
+    randomness both ends derive from (round, client) -- one uniform per (candidate, entry)."""
+    return (jax.random.uniform(jax.random.fold_in(shared, j), p.shape) < p).astype(jnp.float32)
+
+
+def klms_encode(q: jax.Array, p: jax.Array, key: jax.Array, cfg: KLMSConfig) -> KLMSMessage:
+    """Minimal random coding per block: among 2^bits candidates drawn from Bernoulli(p), pick
+    one with probability proportional to its importance weight prod q(x)/p(x) (the Gumbel-max
+    trick, one candidate at a time, so memory stays O(entries))."""
+    n = q.shape[0]
+    block_of = klms_blocks(q, p, cfg)
+    shared, private = jax.random.fold_in(key, KLMS_SHARED), jax.random.fold_in(key, KLMS_PRIVATE)
+    log_one, log_zero = jnp.log(q) - jnp.log(p), jnp.log1p(-q) - jnp.log1p(-p)
+
+    def body(j, carry):
+        best, index = carry
+        x = _candidate(shared, j, p)
+        log_w = jax.ops.segment_sum(jnp.where(x > 0, log_one, log_zero), block_of, num_segments=n)
+        score = log_w + jax.random.gumbel(jax.random.fold_in(private, j), (n,))
+        better = score > best
+        return jnp.where(better, score, best), jnp.where(better, j, index)
+
+    init = (jnp.full((n,), -jnp.inf), jnp.zeros((n,), jnp.int32))
+    _, indices = jax.lax.fori_loop(0, _klms_samples(cfg), body, init)
+    return KLMSMessage(indices, block_of, block_of[-1] + 1)
+
+
+def klms_decode(message: KLMSMessage, p: jax.Array, key: jax.Array, cfg: KLMSConfig) -> jax.Array:
+    """The server's mask: in each block, the candidate its index names, regenerated from the
+    shared randomness and the broadcast p."""
+    shared = jax.random.fold_in(key, KLMS_SHARED)
+    chosen = message.indices[message.block_of]
+
+    def body(j, mask):
+        return jnp.where(chosen == j, _candidate(shared, j, p), mask)
+
+    return jax.lax.fori_loop(0, _klms_samples(cfg), body, jnp.zeros_like(p))
+
+
+def klms_bits(message: KLMSMessage, cfg: KLMSConfig) -> jax.Array:
+    """Bits of the message: each block's index (log2 of the candidates), plus, when the
+    blocks are adaptive, each block's size (log2 256 = 8 bits; the authors' count)."""
+    per_block = (cfg.klms_kl_rate + math.log2(KLMS_MAX_BLOCK)) if cfg.klms_adaptive else cfg.klms_samples_log2
+    return message.blocks.astype(jnp.float32) * per_block
 
 
 def randomized_response(key: jax.Array, mask: jax.Array, flip: float) -> jax.Array:
@@ -344,5 +513,10 @@ SPECS = (
                masked=True, host_hooks=_host_hooks),
     MethodSpec("fedmask", "FedMask-style: the deterministic mask 1[sigmoid(s) > 0.5]",
                FedPMConfig, lambda arch, cfg: fedmask(_masked_model(arch, cfg), arch.sample_input(), cfg),
+               masked=True, host_hooks=_host_hooks),
+    MethodSpec("klms", "FedPM-KLMS: per block of mask entries, the index of one of 2^b candidates "
+               "drawn from theta_g with shared randomness (importance-sampled by q/p)",
+               KLMSConfig, lambda arch, cfg: fedpm(_masked_model(arch, cfg), arch.sample_input(), cfg,
+                                                  name="klms"),
                masked=True, host_hooks=_host_hooks),
 )
