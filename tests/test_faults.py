@@ -143,10 +143,17 @@ def test_a_workdir_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path)
         pass
 
 
+def _default_sigint():
+    # A suite started from a background shell job inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the run the disposition a terminal gives it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 FLAGS = ["--dataset=digits", "--mlp_hidden=16", "--num_clients=4", "--clients_per_round=3",
