@@ -293,26 +293,11 @@ def drive(chunk: int, num_params: int) -> Compressor:
     S * D H sign(y) / sqrt(d). The entries left over after the full chunks form one last
     chunk, zero-padded to the next power of 2. Bits: one per rotated entry plus 32 per scale.
     """
-    if chunk < 2 or chunk & (chunk - 1):
-        raise ValueError(f"--drive_chunk must be a power of 2 >= 2, got {chunk}")
-    full, tail = divmod(num_params, chunk)
-    tail_size = 1 << max(1, math.ceil(math.log2(tail))) if tail else 0
-    # (number of chunks, chunk size) for the full chunks and the padded tail
-    groups = [(n, d) for n, d in ((full, chunk), (1 if tail else 0, tail_size)) if n]
-
-    def split(u):
-        parts = [u[: full * chunk].reshape(full, chunk)] if full else []
-        if tail:
-            parts.append(jnp.pad(u[full * chunk:], (0, tail_size - tail))[None])
-        return parts
-
-    def diagonals(key):
-        return [jnp.where(jax.random.bernoulli(jax.random.fold_in(key, i), 0.5, (n, d)), 1.0, -1.0)
-                for i, (n, d) in enumerate(groups)]
+    rot = _rotation(chunk, num_params, "--drive_chunk")
 
     def encode(u, key):
         signs, scales = [], []
-        for x, diag in zip(split(u), diagonals(key)):
+        for x, diag in zip(rot.split(u), rot.diagonals(key)):
             y = fwht(x * diag) / math.sqrt(x.shape[1])
             l1 = jnp.sum(jnp.abs(y), axis=1)
             scales.append(jnp.sum(x * x, axis=1) / jnp.where(l1 > 0, l1, 1.0))
@@ -321,7 +306,7 @@ def drive(chunk: int, num_params: int) -> Compressor:
 
     def decode(m, key):
         out, start, first = [], 0, 0
-        for (n, d), diag in zip(groups, diagonals(key)):
+        for (n, d), diag in zip(rot.groups, rot.diagonals(key)):
             s = m["signs"][start:start + n * d].reshape(n, d).astype(jnp.float32)
             scale = m["scales"][first:first + n, None]
             out.append((fwht(s) / math.sqrt(d) * diag * scale).reshape(-1))

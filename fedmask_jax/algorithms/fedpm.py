@@ -484,12 +484,7 @@ def flat(tree: PyTree) -> np.ndarray:
 
 def unflat(vector: np.ndarray, like: PyTree) -> PyTree:
     """Inverse of ``flat`` for a tree shaped like ``like``."""
-    leaves, treedef = jax.tree.flatten(like)
-    out, start = [], 0
-    for leaf in leaves:
-        out.append(jnp.asarray(vector[start:start + leaf.size].reshape(leaf.shape), leaf.dtype))
-        start += leaf.size
-    return jax.tree.unflatten(treedef, out)
+    return unflat_like(jnp.asarray(vector), like)
 
 
 def theta(server: FedPMServerState) -> PyTree:
