@@ -18,4 +18,7 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test,bench]'
+# oneDNN's convolutions behind JAX's FFI for XLA:CPU (fedmask_jax/kernels); where the
+# extension cannot build, it says so and the models keep XLA's convolution.
+.venv/bin/python -m fedmask_jax.kernels.build --quiet
 echo "setup: ready (.venv)"
