@@ -49,11 +49,29 @@ class FederatedAlgorithm(NamedTuple):
     persistent_init() -> one client's persistent state (() when the method keeps none)
     client_init(server_state, persistent) -> client_state
     client_step(server_state, client_state, batch, key) -> (client_state, loss)
+        one local step (``gradient_step`` builds it from the three functions below)
     client_finish(server_state, client_state, persistent, num_examples, key) -> ClientResult
         (its metrics include ``uplink_bpp``: the message's size in bits per parameter)
     server_update(server_state, contribution_sum, num_clients) -> server_state
     evaluate(server_state, batch, key) -> dict of per-batch *sums* (the engine divides by the
         number of real examples)
+
+    A method whose local step is "gradient of a loss, then an update" also exposes the step's
+    two halves, so that the engine may take the gradient itself (optional; None when the
+    method's step is not of that form):
+
+    client_params(client_state) -> params: what the step differentiates
+    client_loss(server_state, client_state, params, batch, key) -> (objective, loss):
+        ``objective`` is differentiated w.r.t. ``params``; ``loss`` is the reported train loss
+    client_apply(server_state, client_state, grads) -> client_state: the optimizer update
+
+    and ``client_step`` must equal ``gradient_step(client_params, client_loss, client_apply)``.
+    With them the engine can differentiate the *sum* of a vmapped chunk's objectives instead
+    of vmapping each client's gradient (``EngineConfig.client_grad``): clients share no
+    parameters, so the per-client gradients are the same, but the sum's gradient of a
+    per-client convolution is a grouped backward-filter convolution on the activations as they
+    are (``batch_group_count``), where the vmapped gradient first copies every activation into
+    a transposed layout.
     """
 
     name: str
@@ -68,6 +86,28 @@ class FederatedAlgorithm(NamedTuple):
     # contribution -> flat uint8 array: the client's message as it would leave the device,
     # for methods whose messages the host codes (None: there is nothing to collect).
     uplink_payload: Callable[[PyTree], jax.Array] | None = None
+    # The local step's two halves (see above; all three or none).
+    client_params: Callable[[PyTree], PyTree] | None = None
+    client_loss: Callable[[PyTree, PyTree, PyTree, Batch, jax.Array], tuple[jax.Array, jax.Array]] | None = None
+    client_apply: Callable[[PyTree, PyTree, PyTree], PyTree] | None = None
+
+    @property
+    def separable_step(self) -> bool:
+        """Whether the local step is given as loss and update (the engine may then take the
+        chunk's gradient as the gradient of its summed objective)."""
+        return None not in (self.client_params, self.client_loss, self.client_apply)
+
+
+def gradient_step(client_params: Callable, client_loss: Callable, client_apply: Callable) -> Callable:
+    """``client_step`` from the step's halves: the gradient of the client's objective w.r.t.
+    its params, then its update; returns (new client state, reported loss)."""
+
+    def client_step(server, state, batch: Batch, key):
+        grad_fn = jax.value_and_grad(lambda p: client_loss(server, state, p, batch, key), has_aux=True)
+        (_, loss), grads = grad_fn(client_params(state))
+        return client_apply(server, state, grads), loss
+
+    return client_step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ from jax.flatten_util import ravel_pytree
 
 from fedmask_jax import models, privacy
 from fedmask_jax.algorithms import compressors as C
-from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree
+from fedmask_jax.algorithms.base import (Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree,
+                                         gradient_step)
 from fedmask_jax.algorithms.compressors import Compressor
 from fedmask_jax.config import check, setting
 from fedmask_jax.models import count_entries
@@ -216,10 +217,16 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
         return jnp.sum(ce * batch.mask) / jnp.maximum(jnp.sum(batch.mask), 1.0)
 
-    def client_step(server, state: FedAvgClientState, batch: Batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    def client_params(state: FedAvgClientState):
+        return state.params
+
+    def client_loss(server, state: FedAvgClientState, params, batch: Batch, key):
+        loss = loss_fn(params, batch)
+        return loss, loss
+
+    def client_apply(server, state: FedAvgClientState, grads):
         updates, opt_state = client_opt(server.hp).update(grads, state.opt_state, state.params)
-        return FedAvgClientState(optax.apply_updates(state.params, updates), opt_state), loss
+        return FedAvgClientState(optax.apply_updates(state.params, updates), opt_state)
 
     def client_finish(server, state: FedAvgClientState, persistent, num_examples, key):
         delta = ravel_pytree(state.params)[0] - ravel_pytree(server.params)[0]
@@ -276,8 +283,10 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig
 
     return FederatedAlgorithm(
         name=name, server_init=server_init, persistent_init=persistent_init,
-        client_init=client_init, client_step=client_step, client_finish=client_finish,
-        server_update=server_update, evaluate=evaluate, num_params=num_params,
+        client_init=client_init, client_step=gradient_step(client_params, client_loss, client_apply),
+        client_finish=client_finish, server_update=server_update, evaluate=evaluate,
+        num_params=num_params, client_params=client_params, client_loss=client_loss,
+        client_apply=client_apply,
     )
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from fedmask_jax import coding, masking, models, privacy
-from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree
+from fedmask_jax.algorithms.base import (Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree,
+                                         gradient_step)
 from fedmask_jax.config import check, setting
 
 
@@ -215,10 +216,15 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
             return ce + config.mask_entropy_reg * mean_mask_entropy(scores), ce
         return ce, ce
 
-    def client_step(server, state: FedPMClientState, batch: Batch, key):
-        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.scores, server.frozen, batch, key)
+    def client_params(state: FedPMClientState):
+        return state.scores
+
+    def client_loss(server, state: FedPMClientState, scores, batch: Batch, key):
+        return loss_fn(scores, server.frozen, batch, key)
+
+    def client_apply(server, state: FedPMClientState, grads):
         updates, opt_state = optimizer(server.hp).update(grads, state.opt_state, state.scores)
-        return FedPMClientState(optax.apply_updates(state.scores, updates), opt_state), loss
+        return FedPMClientState(optax.apply_updates(state.scores, updates), opt_state)
 
     def client_finish(server, state: FedPMClientState, persistent, num_examples, key):
         if klms is not None:
@@ -325,9 +331,10 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
 
     return FederatedAlgorithm(
         name=name, server_init=server_init, persistent_init=persistent_init,
-        client_init=client_init, client_step=client_step, client_finish=client_finish,
-        server_update=server_update, evaluate=evaluate, num_params=num_params,
-        uplink_payload=uplink_payload,
+        client_init=client_init, client_step=gradient_step(client_params, client_loss, client_apply),
+        client_finish=client_finish, server_update=server_update, evaluate=evaluate,
+        num_params=num_params, uplink_payload=uplink_payload, client_params=client_params,
+        client_loss=client_loss, client_apply=client_apply,
     )
 
 
