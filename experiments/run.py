@@ -26,8 +26,16 @@ from fedmask_jax.run_config import RunConfig, config_from_flags as _from_flags, 
 F = flags.FLAGS
 define_flags(F)
 flags.adopt_module_key_flags(config_lib)  # --help lists them as this program's flags
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; "
-                  "coordinator from the environment, see README).")
+flags.DEFINE_bool("distributed", False, "One of several processes of one run: call "
+                  "jax.distributed.initialize() first; the round's mesh spans every process's "
+                  "devices and only process 0 writes (see README; experiments.multiprocess starts "
+                  "them on one host).")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0's "
+                    "coordination service (default: $JAX_COORDINATOR_ADDRESS or the cluster's).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes the run has "
+                     "(default: from the cluster environment).", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 .. "
+                     "--num_processes - 1 (default: from the cluster environment).", lower_bound=0)
 
 
 def config_from_flags() -> RunConfig:
@@ -42,10 +50,19 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    given = [f"--{n}" for n in ("coordinator_address", "num_processes", "process_id") if F[n].present]
+    if given and not F.distributed:
+        print(f"error: {', '.join(given)} need{'s' if len(given) == 1 else ''} --distributed", file=sys.stderr)
+        sys.exit(2)
     if F.distributed:
-        import jax
+        from fedmask_jax import distributed
 
-        jax.distributed.initialize()  # reads the coordinator address, process count and id
+        try:  # before any JAX computation
+            distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+        except (ValueError, TypeError, RuntimeError) as e:
+            print(f"error: --distributed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                  file=sys.stderr)
+            sys.exit(2)
     from fedmask_jax.simulation import run
 
     try:

@@ -17,7 +17,7 @@ import shutil
 
 import jax
 
-from fedmask_jax import outputs
+from fedmask_jax import distributed, outputs
 from fedmask_jax.history import History
 
 INTEGRITY = "integrity.json"
@@ -78,9 +78,13 @@ class Checkpointer:
                 state=ocp.args.StandardSave(self._device_state(server, store)),
                 history=ocp.args.JsonSave({"runs": [h.to_json() for h in histories]})))
             mngr.wait_until_finished()
-        step_dir = os.path.join(self.folder, str(rounds_done))
-        outputs.write_json_atomic(os.path.join(step_dir, INTEGRITY),
-                                  {"rounds_done": rounds_done, "sha256": _files(step_dir)})
+        # Several processes (jax.distributed): each saved through orbax, which writes every
+        # value once; process 0 alone records the files and the others wait for the record.
+        if distributed.is_primary():
+            step_dir = os.path.join(self.folder, str(rounds_done))
+            outputs.write_json_atomic(os.path.join(step_dir, INTEGRITY),
+                                      {"rounds_done": rounds_done, "sha256": _files(step_dir)})
+        distributed.barrier(f"fedmask_jax checkpoint {rounds_done}")
 
     def steps(self) -> list[int]:
         """The checkpoints on disk, newest first."""

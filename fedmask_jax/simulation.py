@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 
-from fedmask_jax import experiment, loop, outputs, sinks
+from fedmask_jax import distributed, experiment, loop, outputs, sinks
 from fedmask_jax.checkpoints import Checkpointer
 from fedmask_jax.history import History
 from fedmask_jax.run_config import RESUME_NEUTRAL, RunConfig
@@ -52,23 +52,27 @@ def execute_runs(cfgs: Sequence[RunConfig], *, batch_dir: str | None = None,
     stdout.
     """
     t_start = time.perf_counter()
-    workdirs = [outputs.ensure_writable_dir(c.workdir) for c in cfgs]
+    # In a multi-process run (jax.distributed) every process computes the run; only process 0
+    # writes its outputs and holds the workdir lock (distributed.py).
+    primary = distributed.is_primary()
+    folder = outputs.ensure_writable_dir if primary else (lambda p, *_: os.path.abspath(os.path.expanduser(p)))
+    workdirs = [folder(c.workdir) for c in cfgs]
     if len(set(workdirs)) != len(workdirs):
         raise ValueError("runs in one program need one --workdir each")
-    holder = workdirs[0] if len(cfgs) == 1 else outputs.ensure_writable_dir(batch_dir, "batch folder")
+    holder = workdirs[0] if len(cfgs) == 1 else folder(batch_dir, "batch folder")
     with contextlib.ExitStack() as locks:
-        for folder in dict.fromkeys([holder, *workdirs]):
-            locks.enter_context(outputs.WorkdirLock(folder))
+        for lock_dir in dict.fromkeys([holder, *workdirs]) if primary else ():
+            locks.enter_context(outputs.WorkdirLock(lock_dir))
         return _execute(list(cfgs), workdirs, Checkpointer(holder), t_start,
-                        extra_sinks or [()] * len(cfgs), console_to_log)
+                        extra_sinks or [()] * len(cfgs), console_to_log, primary)
 
 
-def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log):
+def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log, primary=True):
     resume = cfgs[0].resume
     if resume:
         for c, w in zip(cfgs, workdirs):
             _check_same_config(c, w)
-    exp = experiment.build(cfgs, workdirs=workdirs)
+    exp = experiment.build(cfgs, workdirs=workdirs if primary else None)  # hooks' files: process 0's
     logs = []
     try:
         server, store = exp.initial_state()
@@ -84,16 +88,17 @@ def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log)
             header += [f"resume: passed over {n}" for n in notes]
             header.append(f"resume: continuing after round {start} from {checkpointer.folder}"
                           if restored is not None else f"resume: no checkpoint in {checkpointer.folder}; starting afresh")
-        else:
+        elif primary:
             checkpointer.clear()
         outs = []
         for i, (c, w) in enumerate(zip(cfgs, workdirs)):
-            _write_config_record(exp, i, w)
-            log = open(os.path.join(w, console_to_log), "a", buffering=1) if console_to_log and c.verbose else None
-            logs += [log] if log else []
-            run_sinks = [*sinks.default_sinks(w, c.rounds, histories[i].rounds_done, verbose=c.verbose,
-                                              tensorboard=c.tensorboard, console=log),
-                         *extra_sinks[i]]
+            run_sinks = list(extra_sinks[i])
+            if primary:  # the other processes of a multi-process run write nothing
+                _write_config_record(exp, i, w)
+                log = open(os.path.join(w, console_to_log), "a", buffering=1) if console_to_log and c.verbose else None
+                logs += [log] if log else []
+                run_sinks[:0] = sinks.default_sinks(w, c.rounds, histories[i].rounds_done, verbose=c.verbose,
+                                                    tensorboard=c.tensorboard, console=log)
             for sink in run_sinks:
                 sink.open(header)
             outs.append(run_sinks)
@@ -195,5 +200,7 @@ def _write_config_record(exp: experiment.Experiment, i: int, workdir: str) -> No
         "config": exp.cfgs[i].record(), "versions": versions, "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()], "strategy": exp.strategy,
         "client_chunk_size": exp.engine_config.client_chunk_size,
+        "client_grad": exp.engine_config.client_grad,
         "collected_messages_per_round": exp.engine_config.collect, "runs_in_program": exp.runs,
+        "processes": jax.process_count(),
     })

@@ -7,8 +7,12 @@
 #
 # Runs the quickstart, then the benchmark cases mlp_w1_k100, conv4_w1_k10, conv4_w1_k100 and
 # the 10,000-client case with the PyTorch reference on CUDA; writes into OUT (at most 8 files):
-# env.txt, quickstart.log, quickstart_metrics.jsonl, quickstart_summary.json, benchmark.log,
-# benchmark.json, benchmarks.md. About 6 minutes on an H100.
+# env.txt, quickstart.log, quickstart_metrics.jsonl, quickstart_summary.json, distributed.log,
+# benchmark.log, benchmark.json, benchmarks.md. About 7 minutes on an H100.
+#
+# Between them, the distributed step: the tiny digits run as two jax.distributed processes of
+# two virtual CPU devices each (gloo over 127.0.0.1; CPU because there is one GPU) against one
+# process with four, record by record; writes distributed.log. MODE=distributed runs it alone.
 #
 # MODE=sweep instead: the benchmark's sweep cases (8 runs x 10 clients, MLP and Conv4, in one
 # program vs one at a time) and the quickstart swept over 8 seeds as one program and as one
@@ -32,11 +36,24 @@ if ! "$PY" -c "import tensorflow_datasets, tensorboardX, constriction" 2>/dev/nu
 fi
 WORK=/tmp/fedmask_device
 rm -rf "$WORK" && mkdir -p "$WORK"
+
+distributed_step() {  # 2 processes x 2 CPU devices vs 1 process x 4, the same records
+  timeout 360 "$PY" -m experiments.multiprocess --processes=2 --cpu_devices=2 --compare --timeout_s=170 \
+    -- --flagfile=experiments/configs/distributed_tiny.flags --workdir="$WORK/distributed" 2>&1 \
+    | grep -v '^\[Gloo\]' | tee "$OUT/distributed.log"
+  echo "distributed step: exit ${PIPESTATUS[0]}" | tee -a "$OUT/distributed.log"
+}
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   "$PY" -c "import jax, jaxlib, flax, optax, torch; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__); print(jax.devices())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+
+if [ "${MODE:-check}" = distributed ]; then
+  distributed_step
+  ls -la "$OUT"
+  exit 0
+fi
 
 if [ "${MODE:-check}" = sweep ]; then
   sweep() {  # the quickstart over SEEDS, --vectorize or --novectorize
@@ -66,6 +83,8 @@ timeout 150 "$PY" -m experiments.run --flagfile=experiments/configs/quickstart.f
   --workdir="$WORK/quickstart" 2>&1 | tee "$OUT/quickstart.log"
 cp "$WORK/quickstart/metrics.jsonl" "$OUT/quickstart_metrics.jsonl" 2>/dev/null
 cp "$WORK/quickstart/summary.json" "$OUT/quickstart_summary.json" 2>/dev/null
+
+distributed_step
 
 # CASES and TORCH override the cases and the reference's device (a CPU dry run: CASES=mlp_w05_k10 TORCH=--notorch).
 timeout 380 "$PY" -m experiments.benchmark \
