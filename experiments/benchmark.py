@@ -7,6 +7,11 @@ engine and the PyTorch reference train the same clients on the same data with th
 epochs and batch size. Steady-state rounds (after compilation and one warm-up round) are
 timed, JAX and PyTorch rounds alternating; a rate is one over the median round. Writes
 <workdir>/benchmark.json and refreshes the table in docs/benchmarks.md.
+
+The data is Fashion-MNIST, except for models benchmarked on another paper dataset's shape
+(``SYNTHETIC``: Conv6, the paper's CIFAR-10 model), which train on generated uint8 images of
+that shape (seeded numpy, uniform pixels and labels): the timing does not depend on what the
+pixels are, and no archive is needed.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ flags.DEFINE_list("cases", ["mlp_w1_k10", "mlp_w1_k100", "conv4_w1_k10"],
                   "Cases as <model>_w<width>_k<clients>[_n<population>][_r<runs>]; width 05 means "
                   "0.5; _r<runs> (a sweep case): that many runs in one program against one run "
                   "at a time (JAX only, --strategy=scan).")
-flags.DEFINE_integer("examples_per_client", 600, "Training examples per client (Fashion-MNIST).")
+flags.DEFINE_integer("examples_per_client", 600, "Training examples per client (Fashion-MNIST, or generated images for conv6).")
 flags.DEFINE_integer("batch_size", 128, "Local batch size (capped at examples_per_client).")
 flags.DEFINE_integer("local_epochs", 3, "Local epochs.")
 flags.DEFINE_integer("timed_rounds", 2, "Steady-state rounds timed per implementation (at least).")
@@ -39,7 +44,9 @@ flags.DEFINE_integer("torch_max_clients", 1000, "Skip the PyTorch reference abov
 flags.DEFINE_string("torch_device", "auto", "Device of the PyTorch reference: auto (cuda when torch sees a GPU, else cpu), cpu, cuda.")
 flags.DEFINE_string("strategy", "auto", "Engine strategy for the JAX side.")
 flags.DEFINE_integer("client_chunk_size", 0, "Clients vmapped together on the JAX side (0 = the engine's automatic choice).")
+flags.DEFINE_string("client_grad", "auto", "Gradients of a vmapped chunk on the JAX side: per_client, summed or auto (--client_grad of experiments.run).")
 flags.DEFINE_bool("cpu_ynn_fusions", False, "On CPU, keep XLA's YNNPACK fusions on the JAX side (jaxlib's default; the engine turns them off).")
+flags.DEFINE_string("cpu_conv", "auto", "On CPU, the JAX side's convolution kernels: onednn, xla or auto (--cpu_conv of experiments.run).")
 flags.DEFINE_string("data_dir", None, "TFDS data folder for Fashion-MNIST (default ~/tensorflow_datasets).")
 flags.DEFINE_string("workdir", "runs/benchmark", "Where benchmark.json goes.")
 flags.DEFINE_string("docs", "docs/benchmarks.md", "Markdown file whose table is refreshed ('' = none).")
@@ -65,32 +72,63 @@ def parse_case(case: str) -> dict:
     return spec
 
 
-def gemm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+def matmul_precision_label(backend: str, dtype: str = "float32") -> str:
+    """What a ``dtype`` matmul at JAX's current default precision runs at on ``backend``."""
+    import jax
+
+    if dtype == "bfloat16":
+        return "bf16"
+    prec = jax.config.jax_default_matmul_precision
+    if prec not in (None, "default", "fastest"):
+        return f"f32 (jax_default_matmul_precision={prec})"
+    return {"gpu": "f32 (TF32 on GPU)", "cuda": "f32 (TF32 on GPU)",
+            "tpu": "f32 (bf16 passes on TPU)"}.get(backend, "f32")
+
+
+def gemm_peak(backend: str | None = None, dtype: str = "float32", repeats: int = 5,
+              size: int | None = None, chain: int | None = None) -> dict:
+    """The GEMM peak the achieved FLOP/s is set against: the best of ``repeats`` timed calls
+    (after a compiling warm-up call), each waited for with ``block_until_ready``.
+
+    CPU: one 2048^3 matmul a call, as before (an 8192^3 one, 1.1 TFLOP, would take about 5 s
+    at the ~215 GFLOP/s this 2-core CPU reaches, in every case's process).
+    Accelerators: one program of 8 chained 8192^3 matmuls a call (x <- x @ b), so the device
+    runs ~9 TFLOP between two host clock readings and dispatch latency is amortised; a
+    single 2048^3 matmul (17 GFLOP) lasts tens of microseconds on an H200, about what one
+    dispatch costs. The matmuls are in ``dtype`` at JAX's default precision, as the round's
+    (float32, which on a GPU runs as TF32): ``gemm_peak_precision`` says which.
+    """
+    import math
+
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = float("inf")
+    backend = backend or jax.default_backend()
+    size = size or (2048 if backend == "cpu" else 8192)
+    chain = chain or (1 if backend == "cpu" else 8)
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (size, size), jnp.float32).astype(dtype)
+    b = (jax.random.normal(kb, (size, size), jnp.float32) / math.sqrt(size)).astype(dtype)  # keeps x's scale
+    if chain == 1:
+        f = jax.jit(lambda a, b: a @ b)
+    else:
+        f = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda _, x: x @ b, a))
+    f(a, b).block_until_ready()  # compile and warm up
+    seconds = []
     for _ in range(repeats):
         t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
+        f(a, b).block_until_ready()
+        seconds.append(time.perf_counter() - t)
+    return {"gemm_peak_gflops": chain * 2 * size**3 / min(seconds) / 1e9, "gemm_peak_size": size,
+            "gemm_peak_chain": chain, "gemm_peak_precision": matmul_precision_label(backend, dtype),
+            "gemm_peak_seconds": seconds}
 
 
-def train_flops_per_example(model, input_shape) -> float:
-    """3x the forward FLOPs XLA counts for one example (forward + two backward products)."""
-    import jax
-    import jax.numpy as jnp
-
-    thr = model.clone(mask_mode="threshold")
-    x = jnp.zeros((64, *input_shape), jnp.uint8)
-    v = thr.init({"params": jax.random.key(0), "frozen": jax.random.key(1)}, x)
-    cost = jax.jit(thr.apply).lower(v, x).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return 3.0 * float(cost["flops"]) / 64
+def _gemm_label(r: dict) -> str:
+    """'2048³ f32 matmul' or '8192³ f32 (TF32 on GPU) matmul, 8 chained in one program'."""
+    size, chain = r.get("gemm_peak_size", 2048), r.get("gemm_peak_chain", 1)
+    return (f"{size}³ {r.get('gemm_peak_precision', 'f32')} matmul"
+            + (f", {chain} chained in one program" if chain > 1 else ""))
 
 
 def time_rounds(**run_round) -> dict[str, list[float]]:
@@ -123,29 +161,58 @@ def rate(times: list[float]) -> float:
     return 1.0 / float(np.median(times))
 
 
+# Models benchmarked on generated images: model -> (the dataset whose shape they take, input
+# shape, classes). Conv6 is the paper's CIFAR-10 model.
+SYNTHETIC = {"conv6": ("cifar10", (32, 32, 3), 10)}
+SYNTHETIC_TEST_EXAMPLES = 512  # the evaluation program is built, not timed
+
+
+def synthetic_dataset(name: str, shape: tuple[int, ...], num_classes: int, num_train: int, seed: int = 0):
+    """Generated uint8 images of ``shape`` with uniform labels (seeded numpy)."""
+    from fedmask_jax.data import Dataset
+
+    rng = np.random.default_rng(seed)
+    images = lambda n: rng.integers(0, 256, (n, *shape), dtype=np.uint8)  # noqa: E731
+    labels = lambda n: rng.integers(0, num_classes, n).astype(np.int64)  # noqa: E731
+    return Dataset(f"synthetic_{name}", images(num_train), labels(num_train),
+                   images(SYNTHETIC_TEST_EXAMPLES), labels(SYNTHETIC_TEST_EXAMPLES), num_classes)
+
+
+def case_dataset(spec: dict):
+    """A case's data: Fashion-MNIST, or generated images for the models in ``SYNTHETIC``
+    (enough for every client to hold --examples_per_client)."""
+    if spec["model"] in SYNTHETIC:
+        name, shape, classes = SYNTHETIC[spec["model"]]
+        return synthetic_dataset(name, shape, classes, spec["n"] * F.examples_per_client)
+    from fedmask_jax.data import load_dataset
+
+    return load_dataset("fashion_mnist", data_dir=F.data_dir, download=False)
+
+
 def case_config(spec: dict, batch_size: int):
-    """The run a case times: Fashion-MNIST, the case's model, width and cohort, FedPM with the
-    reference's settings, engine only (no host-side coding check)."""
+    """The run a case times: the case's data (``case_dataset``), model, width and cohort,
+    FedPM with the reference's settings, engine only (no host-side coding check)."""
     from fedmask_jax.run_config import RunConfig
 
-    return RunConfig(dataset="fashion_mnist", model=spec["model"], width=spec["width"],
+    dataset = SYNTHETIC[spec["model"]][0] if spec["model"] in SYNTHETIC else "fashion_mnist"
+    return RunConfig(dataset=dataset, model=spec["model"], width=spec["width"],
                      num_clients=spec["n"], clients_per_round=spec["k"], local_epochs=F.local_epochs,
                      batch_size=batch_size, max_examples_per_client=F.examples_per_client,
                      strategy=F.strategy, client_chunk_size=F.client_chunk_size,
-                     cpu_ynn_fusions=F.cpu_ynn_fusions, data_dir=F.data_dir, download=False,
-                     verbose=False, method={"coded_uplink": False})
+                     client_grad=F.client_grad, cpu_ynn_fusions=F.cpu_ynn_fusions, cpu_conv=F.cpu_conv, data_dir=F.data_dir,
+                     download=False, verbose=False, method={"coded_uplink": False})
 
 
 def run_case(case: str) -> dict:
     import jax
 
-    from fedmask_jax import engine, experiment
-    from fedmask_jax.data import load_dataset, partition
+    from fedmask_jax import engine, experiment, flops
+    from fedmask_jax.data import partition
 
     spec = parse_case(case)
     if spec["runs"] > 1:
         return run_sweep_case(spec)
-    ds = load_dataset("fashion_mnist", data_dir=F.data_dir, download=False)
+    ds = case_dataset(spec)
     sizes = [len(p) for p in partition(ds.y_train, spec["n"], "iid", seed=0,
                                        max_examples_per_client=F.examples_per_client)]
     per_client = min(sizes)
@@ -164,7 +231,7 @@ def run_case(case: str) -> dict:
         jax.block_until_ready(out.metrics)
 
     examples_per_round = F.local_epochs * sum(len(parts[c]) for c in engine.sample_cohort(0, 1, spec["n"], spec["k"]))
-    flops_ex = train_flops_per_example(exp.architecture.build(masked=True), exp.architecture.input_shape)
+    flops_ex = flops.train_flops_per_example(exp.architecture)  # analytic: the same on every backend
     jax_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rounds = {"jax": jax_round}
     strategy, chunk, cfg = exp.strategy, exp.engine_config.client_chunk_size, exp.engine_config
@@ -177,7 +244,7 @@ def run_case(case: str) -> dict:
 
         torch_device = F.torch_device if F.torch_device != "auto" else (
             "cuda" if torch.cuda.is_available() else "cpu")
-        fed = torch_fedpm.TorchFedPM(spec["model"], (28, 28, 1), 10, width=spec["width"],
+        fed = torch_fedpm.TorchFedPM(spec["model"], ds.input_shape, ds.num_classes, width=spec["width"],
                                      device=torch_device)
         xs = [(torch_fedpm.to_torch_input(ds.x_train[p]), torch.from_numpy(ds.y_train[p].astype(np.int64)))
               for p in parts]
@@ -191,12 +258,15 @@ def run_case(case: str) -> dict:
     torch_rps = rate(torch_times) if torch_times else None
 
     achieved = flops_ex * examples_per_round * jax_rps / 1e9
+    peak = gemm_peak(backend)
     return {
         "case": case, "model": spec["model"], "width": spec["width"],
         "clients_per_round": spec["k"], "num_clients": spec["n"],
         "examples_per_client": per_client, "batch_size": batch, "local_epochs": F.local_epochs,
-        "strategy": strategy, "client_chunk_size": chunk, "backend": backend,
+        "dataset": ds.name, "strategy": strategy, "client_chunk_size": chunk,
+        "client_grad": cfg.client_grad, "backend": backend,
         "compiler_options": engine.compiler_options(cfg) or {},
+        "conv_kernel": _conv_kernel(exp.architecture, backend),
         "device": str(jax.devices()[0].device_kind),
         "jax_rounds_per_s": jax_rps, "jax_examples_per_s": examples_per_round * jax_rps,
         "torch_rounds_per_s": torch_rps, "torch_device": torch_device,
@@ -205,11 +275,25 @@ def run_case(case: str) -> dict:
         "jax_round_seconds": jax_times, "torch_round_seconds": torch_times,
         "compile_time_s": compile_s,
         "train_gflop_per_example": flops_ex / 1e9,
+        "forward_gflop_per_example": flops.forward_flops_per_example(exp.architecture) / 1e9,
+        "flop_count": "analytic (fedmask_jax.flops): forward + backward as executed",
         "achieved_gflops": achieved,
-        "gemm_peak_gflops": gemm_peak_gflops(),
+        **peak,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "jax_peak_rss_mb": jax_rss,
     }
+
+
+def _conv_kernel(arch, backend: str) -> str | None:
+    """Which convolution kernels the JAX side ran (None for models without convolutions)."""
+    from fedmask_jax import conv
+    from fedmask_jax.kernels import onednn
+
+    if not arch.conv:
+        return None
+    if backend == "cpu" and conv.cpu_kernel() == "onednn":
+        return f"onednn {onednn.version()}"
+    return "xla"
 
 
 def run_sweep_case(spec: dict) -> dict:
@@ -220,9 +304,8 @@ def run_sweep_case(spec: dict) -> dict:
     import jax
 
     from fedmask_jax import engine, experiment
-    from fedmask_jax.data import load_dataset
 
-    ds = load_dataset("fashion_mnist", data_dir=F.data_dir, download=False)
+    ds = case_dataset(spec)
     alone = case_config(spec, min(F.batch_size, F.examples_per_client))
     base = alone.replace(strategy="scan" if F.strategy == "auto" else F.strategy)  # runs share scan only
     cfgs = [base.replace(seed=i, method={**base.method, "client_lr": 0.1 * 2 ** ((i % 4) - 1.5)})
@@ -256,6 +339,7 @@ def run_sweep_case(spec: dict) -> dict:
         "examples_per_client": F.examples_per_client, "batch_size": base.batch_size,
         "local_epochs": F.local_epochs, "strategy": exp.strategy,
         "client_chunk_size": exp.engine_config.client_chunk_size,
+        "client_grad": exp.engine_config.client_grad, "dataset": ds.name,
         "mesh": dict(exp.mesh.shape), "runs_vectorized": exp.engine_config.runs_vectorized,
         "compiler_options": engine.compiler_options(exp.engine_config) or {}, "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
@@ -299,6 +383,13 @@ def write_docs(results: list[dict], path: str, command: str) -> None:
             f"{_fmt(r['jax_examples_per_s'], '.0f')} | {_fmt(r['achieved_gflops'], '.1f')} | "
             f"{_fmt(100 * r['achieved_gflops'] / r['gemm_peak_gflops'], '.0f')} | "
             f"{_fmt(r['compile_time_s'], '.1f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
+    if results:
+        peaks = [r["gemm_peak_gflops"] for r in results]
+        span = f"{min(peaks):.0f}" if round(min(peaks)) == round(max(peaks)) else f"{min(peaks):.0f}–{max(peaks):.0f}"
+        rows[:0] = [f"Training FLOPs per example: the analytic count of `fedmask_jax.flops` (forward + "
+                    f"backward as executed), the same on every backend. GEMM peak: "
+                    f"{_gemm_label(results[0])}, timed in each case's process, best of 5 "
+                    f"after a warm-up: {span} GFLOP/s.", ""]
     sweep_rows = ["Sweep cases: R FedPM runs (seeds and client learning rates differ) in one "
                   "program against one run at a time, steady rounds alternating (run-rounds/s: "
                   "runs advanced by one round per second).", "",
@@ -343,8 +434,8 @@ def main(argv):
     passthrough = [a for a in sys.argv[1:] if not a.startswith(("--cases", "--flagfile"))]
     passthrough += [f"--{n}={getattr(F, n)}" for n in ("examples_per_client", "batch_size",
                     "local_epochs", "timed_rounds", "min_timed_seconds", "torch",
-                    "torch_max_clients", "strategy", "torch_device", "client_chunk_size",
-                    "cpu_ynn_fusions")]
+                    "torch_max_clients", "strategy", "torch_device", "client_chunk_size", "client_grad",
+                    "cpu_ynn_fusions", "cpu_conv")]
     passthrough += [f"--data_dir={F.data_dir}"] if F.data_dir else []
     results = []
     for case in F.cases:
@@ -365,7 +456,7 @@ def main(argv):
             continue
         print(f"  JAX {r['jax_rounds_per_s']:.3f} rounds/s ({r['jax_examples_per_s']:.0f} ex/s, "
               f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['achieved_gflops'] / r['gemm_peak_gflops']:.0f}% "
-              f"of {r['gemm_peak_gflops']:.0f} GEMM peak), PyTorch {_fmt(r['torch_rounds_per_s'], '.3f')} "
+              f"of the {r['gemm_peak_gflops']:.0f} GFLOP/s GEMM peak, {_gemm_label(r)}), PyTorch {_fmt(r['torch_rounds_per_s'], '.3f')} "
               f"rounds/s, speedup {_fmt(r['speedup'])}, compile {r['compile_time_s']:.1f}s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         write_json_atomic(os.path.join(workdir, "benchmark.json"), results)

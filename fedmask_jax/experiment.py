@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedmask_jax import config as config_lib
-from fedmask_jax import engine, federation, keys, models
+from fedmask_jax import conv, distributed, engine, federation, keys, models
 from fedmask_jax.algorithms import registry
 from fedmask_jax.algorithms.base import FederatedAlgorithm, HostContext, HostHook, MethodSpec, PyTree
 from fedmask_jax.data import Dataset, holdout_validation, load_dataset, partition
@@ -93,7 +93,7 @@ class Experiment:
 
     def _place(self, tree, spec: PartitionSpec):
         if self.mesh.size > 1:
-            return jax.device_put(tree, NamedSharding(self.mesh, spec))
+            return distributed.put(tree, NamedSharding(self.mesh, spec))
         return tree
 
     def _runs_spec(self, *rest) -> PartitionSpec:
@@ -160,7 +160,8 @@ class Experiment:
                 if self.batched else "")
         return (f"fedmask_jax: {runs}{cfg.algorithm} {cfg.model} on {cfg.dataset} "
                 f"({self.algorithm.num_params:,} {what}), {cfg.clients_per_round} of {cfg.num_clients} "
-                f"clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}, "
+                f"clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}"
+                f"{' (summed gradient)' if self.engine_config.client_grad == 'summed' else ''}, "
                 f"{self.round_fn.devices} device(s), backend {jax.default_backend()}")
 
     def close(self) -> None:
@@ -229,6 +230,7 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
              for alg, m, c, w, f in zip(algorithms, method_configs, cfgs, workdirs, federations)]
 
     backend = jax.default_backend()
+    conv.set_cpu_kernel(cfg.cpu_conv)  # read when the round and evaluation are traced
     strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(conv=arch.conv, backend=backend)
     if len(cfgs) > 1 and strategy != "scan":
         raise ValueError(f"runs share one program only with --strategy=scan (this one is {strategy}); "
@@ -238,7 +240,13 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
         cfg.clients_per_round, algorithms[0].num_params, conv=arch.conv, backend=backend)
     runs_vectorized = cfg.runs_vectorized or engine.auto_runs_vectorized(
         len(cfgs), algorithms[0].num_params, chunk, backend=backend)
+    client_grad = cfg.client_grad
+    if client_grad == "auto":
+        client_grad = engine.auto_client_grad(conv=arch.conv, chunk=chunk, backend=backend)
+        if not algorithms[0].separable_step:
+            client_grad = "per_client"
     engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk,
+                                        client_grad=client_grad,
                                         cpu_ynn_fusions=cfg.cpu_ynn_fusions,
                                         collect=max([h.collect for h in hooks[0]], default=0),
                                         runs_vectorized=min(runs_vectorized, len(cfgs)))
@@ -246,6 +254,7 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
         mesh = engine.runs_mesh(len(cfgs), cfg.num_devices)
     else:  # the host loop drives one device; the scanned round shards clients over the mesh
         mesh = engine.clients_mesh(cfg.num_devices if strategy == "scan" else 1)
+    distributed.check_mesh(mesh.devices.flat, strategy)  # several processes: one mesh over all
     round_fn = engine.make_round_fn(algorithms[0], engine_config, strategy, mesh, runs=len(cfgs))
     eval_fn = engine.make_eval_fn(algorithms[0], cfg.eval_batch_size, engine.compiler_options(engine_config),
                                   runs=len(cfgs), runs_vectorized=engine_config.runs_vectorized)
@@ -255,5 +264,5 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
                      engine_config, strategy, mesh, round_fn, eval_fn, data, x_test, y_test, hooks, federations)
     if mesh.size > 1:
         rep, per_run = PartitionSpec(), exp._runs_spec()
-        exp.data = jax.device_put(data, engine.ClientData(*(NamedSharding(mesh, s) for s in (rep, rep, per_run, per_run))))
+        exp.data = distributed.put(data, engine.ClientData(*(NamedSharding(mesh, s) for s in (rep, rep, per_run, per_run))))
     return exp

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fedmask_jax import masking
+from fedmask_jax.conv import conv2d_same, conv_general_dilated
 
 WEIGHT_INITS = ("signed_constant", "signed_kaiming")
 MODELS = ("mlp", "conv4", "conv6", "conv10")
@@ -91,10 +92,11 @@ class MaskedDense(_MaskedLayer):
 
 
 class MaskedConv(_MaskedLayer):
-    """3x3 'same' convolution, NHWC."""
+    """3x3 'same' convolution, NHWC; ``relu``: followed by a ReLU (fused on oneDNN)."""
 
     features: int = 0
     kernel_size: int = 3
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -102,10 +104,7 @@ class MaskedConv(_MaskedLayer):
         fan_in = k * k * c_in
         kernel = self._masked("kernel", (k, k, c_in, self.features), fan_in)
         bias = self._masked("bias", (self.features,), fan_in)
-        y = jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return y + bias
+        return conv2d_same(x, kernel, bias, self.relu)
 
 
 def _pool_windows(x: jax.Array) -> jax.Array:
@@ -205,7 +204,7 @@ class ConvNet(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = normalize_images(x)
         for i, w in enumerate(self.conv_widths):
-            x = nn.relu(self._layer(MaskedConv, nn.Conv, _scaled(w, self.width), conv=True)(x))
+            x = self._layer(MaskedConv, nn.Conv, _scaled(w, self.width), conv=True)(x)
             if i % 2 == 1:
                 x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
@@ -213,16 +212,20 @@ class ConvNet(nn.Module):
             x = nn.relu(self._layer(MaskedDense, nn.Dense, _scaled(w, self.width))(x))
         return self._layer(MaskedDense, nn.Dense, self.num_classes)(x)
 
-    def _layer(self, masked_cls, dense_cls, features: int, conv: bool = False) -> nn.Module:
+    def _layer(self, masked_cls, dense_cls, features: int, conv: bool = False):
+        """A conv layer (followed by its ReLU) or a dense layer (without)."""
         if self.masked:
+            extra = dict(relu=True) if conv else {}
             return masked_cls(
                 features=features,
                 weight_init=self.weight_init,
                 mask_mode=self.mask_mode,
                 mask_gradient=self.mask_gradient,
+                **extra,
             )
         if conv:
-            return dense_cls(features, (3, 3), padding="SAME")
+            layer = dense_cls(features, (3, 3), padding="SAME", conv_general_dilated=conv_general_dilated)
+            return lambda x: nn.relu(layer(x))
         return dense_cls(features)
 
 

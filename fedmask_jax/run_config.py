@@ -67,6 +67,12 @@ class RunConfig:
     eval_batch_size: int = setting(128, "Test batch size; one fresh mask per test batch.", min=1)
     client_chunk_size: int = setting(0, "Clients trained at once under vmap (0 = chosen per "
                                      "backend).", min=0)
+    client_grad: str = setting("auto", "Gradients of a vmapped client chunk: per_client (each "
+                               "client's own, vmapped) or summed (the gradient of the chunk's "
+                               "summed loss: the same gradients, but a grouped conv's filter "
+                               "gradient runs as cuDNN's grouped backward-filter kernel); auto: "
+                               "summed for conv models in chunks of several clients on GPU.",
+                               choices=("auto", *engine.CLIENT_GRADS))
     runs_vectorized: int = setting(0, "Runs sharing one program (a sweep's batch): how many are "
                                    "vmapped together, the rest following one after another "
                                    "inside the program (0 = chosen per backend).", min=0)
@@ -76,6 +82,9 @@ class RunConfig:
     cpu_ynn_fusions: bool = setting(False, "On CPU, keep XLA's YNNPACK fusions (jaxlib's default); "
                                     "off because its convolutions are slower here "
                                     "(docs/benchmarks.md).")
+    cpu_conv: str = setting("auto", "On CPU, the convolution kernels: onednn (oneDNN's, through "
+                            "JAX's FFI; built by scripts/setup.sh) or xla (XLA's own); auto: onednn "
+                            "when it is built.", choices=("auto", "onednn", "xla"))
     num_devices: int = setting(0, "Devices on the 'clients' mesh axis (0 = all local devices).", min=0)
     tensorboard: bool = setting(True, "Write TensorBoard scalars to <workdir>/tensorboard.")
     checkpoint_every: int = setting(0, "Save a checkpoint every N rounds in <workdir>/checkpoints "
