@@ -654,8 +654,9 @@ def auto_client_grad(*, conv: bool, chunk: int, backend: str) -> str:
     cuDNN's grouped backward-filter kernel, where each client's vmapped gradient is a
     forward convolution over transposed copies of them. ``per_client`` everywhere else: MLP
     results stay as they were; XLA:CPU runs the ``batch_group_count`` form several times
-    slower than the vmapped one (``python -m experiments.bench_conv --clients=4 --batch=8``:
-    0.6-1.2 s against 0.06-0.4 s a step per Conv4 layer), and on TPU it is not measured yet.
+    slower than the vmapped one (``python -m experiments.bench_conv --clients=4 --batch=8``,
+    two runs on a shared 2-core host: 0.6-3.0 s against 0.06-0.4 s a step per Conv4 layer),
+    and on TPU it is not measured yet.
     """
     return "summed" if conv and chunk > 1 and backend == "gpu" else "per_client"
 
