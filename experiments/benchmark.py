@@ -16,10 +16,8 @@ pixels are, and no archive is needed.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -28,6 +26,8 @@ import time
 import numpy as np
 
 from absl import app, flags, logging
+
+from experiments.benchmark_report import fmt, gemm_label, gemm_peak, write_docs
 
 F = flags.FLAGS
 flags.DEFINE_list("cases", ["mlp_w1_k10", "mlp_w1_k100", "conv4_w1_k10"],
@@ -70,65 +70,6 @@ def parse_case(case: str) -> dict:
             raise ValueError(f"--cases: cannot parse {case!r} (part {p!r})")
     spec["n"] = spec["n"] or spec["k"]
     return spec
-
-
-def matmul_precision_label(backend: str, dtype: str = "float32") -> str:
-    """What a ``dtype`` matmul at JAX's current default precision runs at on ``backend``."""
-    import jax
-
-    if dtype == "bfloat16":
-        return "bf16"
-    prec = jax.config.jax_default_matmul_precision
-    if prec not in (None, "default", "fastest"):
-        return f"f32 (jax_default_matmul_precision={prec})"
-    return {"gpu": "f32 (TF32 on GPU)", "cuda": "f32 (TF32 on GPU)",
-            "tpu": "f32 (bf16 passes on TPU)"}.get(backend, "f32")
-
-
-def gemm_peak(backend: str | None = None, dtype: str = "float32", repeats: int = 5,
-              size: int | None = None, chain: int | None = None) -> dict:
-    """The GEMM peak the achieved FLOP/s is set against: the best of ``repeats`` timed calls
-    (after a compiling warm-up call), each waited for with ``block_until_ready``.
-
-    CPU: one 2048^3 matmul a call, as before (an 8192^3 one, 1.1 TFLOP, would take about 5 s
-    at the ~215 GFLOP/s this 2-core CPU reaches, in every case's process).
-    Accelerators: one program of 8 chained 8192^3 matmuls a call (x <- x @ b), so the device
-    runs ~9 TFLOP between two host clock readings and dispatch latency is amortised; a
-    single 2048^3 matmul (17 GFLOP) lasts tens of microseconds on an H200, about what one
-    dispatch costs. The matmuls are in ``dtype`` at JAX's default precision, as the round's
-    (float32, which on a GPU runs as TF32): ``gemm_peak_precision`` says which.
-    """
-    import math
-
-    import jax
-    import jax.numpy as jnp
-
-    backend = backend or jax.default_backend()
-    size = size or (2048 if backend == "cpu" else 8192)
-    chain = chain or (1 if backend == "cpu" else 8)
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (size, size), jnp.float32).astype(dtype)
-    b = (jax.random.normal(kb, (size, size), jnp.float32) / math.sqrt(size)).astype(dtype)  # keeps x's scale
-    if chain == 1:
-        f = jax.jit(lambda a, b: a @ b)
-    else:
-        f = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda _, x: x @ b, a))
-    f(a, b).block_until_ready()  # compile and warm up
-    seconds = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        seconds.append(time.perf_counter() - t)
-    return {"gemm_peak_gflops": chain * 2 * size**3 / min(seconds) / 1e9, "gemm_peak_size": size,
-            "gemm_peak_chain": chain, "gemm_peak_precision": matmul_precision_label(backend, dtype),
-            "gemm_peak_seconds": seconds}
-
-
-def _gemm_label(r: dict) -> str:
-    """'2048³ f32 matmul' or '8192³ f32 (TF32 on GPU) matmul, 8 chained in one program'."""
-    size, chain = r.get("gemm_peak_size", 2048), r.get("gemm_peak_chain", 1)
-    return (f"{size}³ {r.get('gemm_peak_precision', 'f32')} matmul"
-            + (f", {chain} chained in one program" if chain > 1 else ""))
 
 
 def time_rounds(**run_round) -> dict[str, list[float]]:
@@ -352,74 +293,6 @@ def run_sweep_case(spec: dict) -> dict:
     }
 
 
-def _fmt(v, spec=".2f"):
-    return "—" if v is None else format(v, spec)
-
-
-def write_docs(results: list[dict], path: str, command: str) -> None:
-    import jax
-
-    try:
-        import torch
-        torch_v = torch.__version__
-    except ImportError:
-        torch_v = "not installed"
-    header = (f"Measured {datetime.date.today()} on {platform.node() or 'this machine'} "
-              f"({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
-              f"backend {results[0]['backend']} ({results[0]['device']}), JAX {jax.__version__}, "
-              f"PyTorch {torch_v} on "
-              f"{', '.join(sorted({r['torch_device'] for r in results if r.get('torch_device')})) or '—'}. "
-              f"XLA compiler options of the JAX side: "
-              f"`{json.dumps(results[0].get('compiler_options') or {})}`. Command: `{command}`")
-    rows = ["| case | strategy/chunk | JAX rounds/s | PyTorch rounds/s | speedup | JAX ex/s | "
-            "achieved GFLOP/s | % of GEMM peak | compile s | peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    sweeps = [r for r in results if r.get("kind") == "sweep"]
-    results = [r for r in results if r.get("kind") != "sweep"]
-    for r in results:
-        rows.append(
-            f"| {r['case']} | {r['strategy']}/{r['client_chunk_size']} | {_fmt(r['jax_rounds_per_s'], '.3f')} | "
-            f"{_fmt(r['torch_rounds_per_s'], '.3f')} | {_fmt(r['speedup'])} | "
-            f"{_fmt(r['jax_examples_per_s'], '.0f')} | {_fmt(r['achieved_gflops'], '.1f')} | "
-            f"{_fmt(100 * r['achieved_gflops'] / r['gemm_peak_gflops'], '.0f')} | "
-            f"{_fmt(r['compile_time_s'], '.1f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
-    if results:
-        peaks = [r["gemm_peak_gflops"] for r in results]
-        span = f"{min(peaks):.0f}" if round(min(peaks)) == round(max(peaks)) else f"{min(peaks):.0f}–{max(peaks):.0f}"
-        rows[:0] = [f"Training FLOPs per example: the analytic count of `fedmask_jax.flops` (forward + "
-                    f"backward as executed), the same on every backend. GEMM peak: "
-                    f"{_gemm_label(results[0])}, timed in each case's process, best of 5 "
-                    f"after a warm-up: {span} GFLOP/s.", ""]
-    sweep_rows = ["Sweep cases: R FedPM runs (seeds and client learning rates differ) in one "
-                  "program against one run at a time, steady rounds alternating (run-rounds/s: "
-                  "runs advanced by one round per second).", "",
-                  "| case | strategy/chunk | runs x clients mesh | runs vmapped at a time | one program "
-                  "run-rounds/s | one at a time run-rounds/s (strategy) | speedup | compile s (one program / one run) "
-                  "| peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-    sweep_rows += [f"| {r['case']} | {r['strategy']}/{r['client_chunk_size']} | "
-                   f"{'x'.join(str(v) for v in r['mesh'].values())} | {r['runs_vectorized']} | "
-                   f"{r['vectorized_run_rounds_per_s']:.3f} | "
-                   f"{r['one_at_a_time_run_rounds_per_s']:.3f} ({r.get('one_at_a_time_strategy', 'scan')}) | "
-                   f"{r['speedup']:.2f} | "
-                   f"{r['compile_vectorized_s']:.1f} / {r['compile_one_s']:.1f} | {r['peak_rss_mb']:.0f} |"
-                   for r in sweeps]
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    for marker, table, present in (("bench", rows, results), ("bench-sweep", sweep_rows, sweeps)):
-        if not present:  # a run of other cases leaves this table as it was
-            continue
-        start_tag, end_tag = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-        block = start_tag + "\n" + header + "\n\n" + "\n".join(table) + "\n" + end_tag
-        start, end = text.find(start_tag), text.find(end_tag)
-        if start < 0 or end < 0:
-            text += "\n" + block + "\n"
-        else:
-            text = text[:start] + block + text[end + len(end_tag):]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -456,8 +329,8 @@ def main(argv):
             continue
         print(f"  JAX {r['jax_rounds_per_s']:.3f} rounds/s ({r['jax_examples_per_s']:.0f} ex/s, "
               f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['achieved_gflops'] / r['gemm_peak_gflops']:.0f}% "
-              f"of the {r['gemm_peak_gflops']:.0f} GFLOP/s GEMM peak, {_gemm_label(r)}), PyTorch {_fmt(r['torch_rounds_per_s'], '.3f')} "
-              f"rounds/s, speedup {_fmt(r['speedup'])}, compile {r['compile_time_s']:.1f}s, "
+              f"of the {r['gemm_peak_gflops']:.0f} GFLOP/s GEMM peak, {gemm_label(r)}), PyTorch {fmt(r['torch_rounds_per_s'], '.3f')} "
+              f"rounds/s, speedup {fmt(r['speedup'])}, compile {r['compile_time_s']:.1f}s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         write_json_atomic(os.path.join(workdir, "benchmark.json"), results)
     if results and F.docs:

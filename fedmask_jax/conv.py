@@ -82,8 +82,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 def conv2d_same(x: jax.Array, w: jax.Array, b: jax.Array, relu: bool = False) -> jax.Array:
     """k x k (odd k) stride-1 'same' convolution plus bias, NHWC x HWIO -> NHWC, and its ReLU
-    with ``relu`` (on oneDNN the bias, the ReLU and the bias gradient are fused into the
-    convolution kernels)."""
+    with ``relu`` (on oneDNN the bias gradient comes out of the backward-weights kernel; the
+    bias add and the ReLU stay XLA's, fused with their neighbours)."""
     args = (x, w, (1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"), 1, 1, None, None)
     if _onednn_applies(*args) and b.dtype == jnp.float32:
         return onednn.conv2d_same(x, w, b, relu)

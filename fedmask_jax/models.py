@@ -92,11 +92,11 @@ class MaskedDense(_MaskedLayer):
 
 
 class MaskedConv(_MaskedLayer):
-    """3x3 'same' convolution, NHWC; ``relu``: followed by a ReLU (fused on oneDNN)."""
+    """3x3 'same' convolution plus bias, NHWC. It returns the pre-activation, so that a
+    captured intermediate is the convolution's output (the ReLU is the network's)."""
 
     features: int = 0
     kernel_size: int = 3
-    relu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -104,7 +104,7 @@ class MaskedConv(_MaskedLayer):
         fan_in = k * k * c_in
         kernel = self._masked("kernel", (k, k, c_in, self.features), fan_in)
         bias = self._masked("bias", (self.features,), fan_in)
-        return conv2d_same(x, kernel, bias, self.relu)
+        return conv2d_same(x, kernel, bias)
 
 
 def _pool_windows(x: jax.Array) -> jax.Array:
@@ -204,7 +204,7 @@ class ConvNet(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = normalize_images(x)
         for i, w in enumerate(self.conv_widths):
-            x = self._layer(MaskedConv, nn.Conv, _scaled(w, self.width), conv=True)(x)
+            x = nn.relu(self._layer(MaskedConv, nn.Conv, _scaled(w, self.width), conv=True)(x))
             if i % 2 == 1:
                 x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
@@ -212,20 +212,16 @@ class ConvNet(nn.Module):
             x = nn.relu(self._layer(MaskedDense, nn.Dense, _scaled(w, self.width))(x))
         return self._layer(MaskedDense, nn.Dense, self.num_classes)(x)
 
-    def _layer(self, masked_cls, dense_cls, features: int, conv: bool = False):
-        """A conv layer (followed by its ReLU) or a dense layer (without)."""
+    def _layer(self, masked_cls, dense_cls, features: int, conv: bool = False) -> nn.Module:
         if self.masked:
-            extra = dict(relu=True) if conv else {}
             return masked_cls(
                 features=features,
                 weight_init=self.weight_init,
                 mask_mode=self.mask_mode,
                 mask_gradient=self.mask_gradient,
-                **extra,
             )
         if conv:
-            layer = dense_cls(features, (3, 3), padding="SAME", conv_general_dilated=conv_general_dilated)
-            return lambda x: nn.relu(layer(x))
+            return dense_cls(features, (3, 3), padding="SAME", conv_general_dilated=conv_general_dilated)
         return dense_cls(features)
 
 

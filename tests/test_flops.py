@@ -182,7 +182,7 @@ def test_xla_cross_check_refuses_custom_calls(monkeypatch):
 
 def test_benchmark_gemm_peak_and_table_carry_the_precision(tmp_path):
     """experiments/benchmark.py's GEMM peak (sizes shrunk here) and the line above its table."""
-    from experiments import benchmark
+    from experiments import benchmark_report as benchmark
 
     gpu = benchmark.gemm_peak(backend="gpu", size=64, chain=2, repeats=2)
     assert gpu["gemm_peak_precision"] == "f32 (TF32 on GPU)" and gpu["gemm_peak_chain"] == 2
