@@ -18,6 +18,15 @@ fedpm or klms -- with the best final accuracy at the setting's seed) at more see
 ``--second_setting`` runs ``--second_methods`` once more with those run flags added (e.g. a
 non-IID split), in ``<compare_dir>/<second_name>/``, with its own table and plots.
 
+The work runs in three parts, in this order, so that each ends with a finished table: ``first``
+(every ``--methods`` entry once in the setting), ``second`` (the second setting), ``seeds``
+(the other seeds). ``--parts`` runs only some of them (the others' tables are rebuilt from
+their finished runs); the exit status then speaks only for the parts it ran.
+
+A method flagfile may include another with ``--flagfile=<path>`` (relative to the working
+directory, as absl reads it), e.g. to take a tuned method's values and override one; later
+lines win.
+
 Writes ``compare.json`` (one object per run), ``compare.md`` and the PNG plots
 ``compare_accuracy.png`` and ``compare_accuracy_vs_uplink.png`` in each setting's folder.
 """
@@ -49,6 +58,10 @@ flags.DEFINE_string("second_setting", "", "Run flags of a second setting for --s
                     "'--split=noniid --classes_per_client=2' (empty: none).")
 flags.DEFINE_list("second_methods", [], "Entries run in the second setting.")
 flags.DEFINE_string("second_name", "noniid", "Folder (under --compare_dir) of the second setting.")
+PARTS = ("first", "second", "seeds")
+flags.DEFINE_list("parts", list(PARTS), "Parts to run, of: first (every --methods entry once), "
+                  "second (the second setting), seeds (the --seeds runs); always run in that "
+                  "order. The other parts' tables are rebuilt from their finished runs.")
 
 # What a method's flagfile may set: the methods' hyperparameters (each method's config
 # dataclass), never the shared setting.
@@ -56,19 +69,42 @@ METHOD_FLAGS = frozenset(method_flag_names())
 _NOT_PASSED = {"workdir", "resume", "algorithm", "flagfile"}
 
 
+def _method_lines(path: str, seen: tuple[str, ...] = ()):
+    """``(file, line number, line)`` of a method flagfile's flags, with each ``--flagfile=``
+    line replaced by the lines of the file it names (opened as absl opens it)."""
+    if os.path.abspath(path) in seen:
+        raise ValueError(f"{path}: includes itself (--flagfile= cycle through {', '.join(seen)})")
+    with open(path) as f:
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("--flagfile="):
+            nested = line.split("=", 1)[1].strip()
+            if not os.path.isfile(nested):
+                raise ValueError(f"{path}:{number}: --flagfile={nested}: no such file (a path "
+                                 "relative to the working directory)")
+            yield from _method_lines(nested, (*seen, os.path.abspath(path)))
+        else:
+            yield path, number, line
+
+
 def entry_algorithm(entry: str, folder: str) -> str:
     """The method an entry's flagfile runs (checked as ``method_flagfile`` checks it)."""
     method_flagfile(entry, folder)
-    with open(os.path.join(folder, f"{entry}.flags")) as f:
-        for line in f:
-            if line.strip().startswith("--algorithm="):
-                return line.strip().split("=", 1)[1].strip()
-    raise AssertionError("unreachable: method_flagfile checked --algorithm")
+    algorithm = None
+    for _, _, line in _method_lines(os.path.join(folder, f"{entry}.flags")):
+        if line.startswith("--algorithm="):
+            algorithm = line.split("=", 1)[1].strip()  # the last one wins, as in absl
+    assert algorithm is not None, "unreachable: method_flagfile checked --algorithm"
+    return algorithm
 
 
 def method_flagfile(method: str, folder: str) -> str:
-    """An entry's flagfile, checked: it exists, sets only method flags, and names a method --
-    the entry itself when the entry is a method's name, any method for a variant."""
+    """An entry's flagfile, checked: it exists, sets only method flags (in it or in the files
+    it includes), and names a method -- the entry itself when the entry is a method's name,
+    any method for a variant."""
     path = os.path.join(folder, f"{method}.flags")
     if not os.path.isfile(path):
         if method not in METHODS:
@@ -77,25 +113,21 @@ def method_flagfile(method: str, folder: str) -> str:
         raise ValueError(f"--methods: no flagfile {path} for {method!r}; write one or change "
                          "--method_configs")
     algorithm = None
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            name = line.lstrip("-").split("=", 1)[0]
-            name = name[2:] if name.startswith("no") and name[2:] in METHOD_FLAGS else name
-            if name not in METHOD_FLAGS:
-                raise ValueError(f"{path}:{number}: --{name} is part of the shared setting, not a "
-                                 f"method hyperparameter; set it in the comparison's flags")
-            if name == "algorithm":
-                algorithm = line.split("=", 1)[1].strip()
-                if algorithm not in METHODS:
-                    raise ValueError(f"{path}:{number}: --algorithm={algorithm} is unknown; allowed: "
-                                     f"{', '.join(METHODS)}")
-            elif algorithm is None:
-                raise ValueError(f"{path}:{number}: --algorithm=... must come first")
-            elif name not in METHODS[algorithm].config.__dataclass_fields__:
-                raise ValueError(f"{path}:{number}: --{name} is not a setting of {algorithm}")
+    for where, number, line in _method_lines(path):
+        name = line.lstrip("-").split("=", 1)[0]
+        name = name[2:] if name.startswith("no") and name[2:] in METHOD_FLAGS else name
+        if name not in METHOD_FLAGS:
+            raise ValueError(f"{where}:{number}: --{name} is part of the shared setting, not a "
+                             f"method hyperparameter; set it in the comparison's flags")
+        if name == "algorithm":
+            algorithm = line.split("=", 1)[1].strip()
+            if algorithm not in METHODS:
+                raise ValueError(f"{where}:{number}: --algorithm={algorithm} is unknown; allowed: "
+                                 f"{', '.join(METHODS)}")
+        elif algorithm is None:
+            raise ValueError(f"{where}:{number}: --algorithm=... must come first")
+        elif name not in METHODS[algorithm].config.__dataclass_fields__:
+            raise ValueError(f"{where}:{number}: --{name} is not a setting of {algorithm}")
     if algorithm is None or (method in METHODS and algorithm != method):
         raise ValueError(f"{path} must contain --algorithm={method if method in METHODS else '<method>'}")
     return path
@@ -162,10 +194,14 @@ def strongest_baselines(rows: list[dict], algorithms: dict[str, str], n: int) ->
 OWN = ("fedpm", "klms")  # the method under study and its descendant; the rest are baselines
 
 
+def _is_top(item: str) -> bool:
+    return item.startswith("top") and item.endswith("_baselines")
+
+
 def _seed_entries(spec: list[str], rows: list[dict], algorithms: dict[str, str]) -> list[str]:
     out = []
     for item in spec:
-        if item.startswith("top") and item.endswith("_baselines"):
+        if _is_top(item):
             out += strongest_baselines(rows, algorithms, int(item[3:-len("_baselines")]))
         else:
             out.append(item)
@@ -174,7 +210,7 @@ def _seed_entries(spec: list[str], rows: list[dict], algorithms: dict[str, str])
 
 def _check_seed_spec(spec: list[str], entries: list[str]) -> None:
     for item in spec:
-        if item.startswith("top") and item.endswith("_baselines"):
+        if _is_top(item):
             if not item[3:-len("_baselines")].isdigit():
                 raise ValueError(f"--seeds_for: {item!r} must be topN_baselines with a number N")
         elif item not in entries:
@@ -191,6 +227,10 @@ def _second_setting_flags() -> list[str]:
     return extra
 
 
+def _unfinished(rows: list[dict]) -> bool:
+    return any(r["status"] == "not run" or r["status"].startswith("failed") for r in rows)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -205,39 +245,58 @@ def main(argv):
         second = _second_setting_flags()
         if F.second_methods and not second:
             raise ValueError("--second_methods needs --second_setting")
+        unknown = [p for p in F.parts if p not in PARTS]
+        if unknown or not F.parts:
+            raise ValueError(f"--parts: {', '.join(unknown) or 'empty'}; allowed: {', '.join(PARTS)}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     os.makedirs(F.compare_dir, exist_ok=True)
     status = {}
+    runs = lambda part: not F.report_only and part in F.parts  # noqa: E731
+    checked = lambda part: F.report_only or part in F.parts  # noqa: E731 -- its rows set the exit status
 
     def passthrough(entry, extra=()):
         return [*shared_setting(algorithms[entry]), *extra, f"--flagfile={files[entry]}"]
 
-    if not F.report_only:
+    # (1) every entry once in the setting
+    if runs("first"):
         for entry in F.methods:
             _run(entry, algorithms[entry], F.compare_dir, passthrough(entry), status)
     rows = report(F.methods, F.compare_dir, status, F.target_accuracy)
-    repeats = {}
-    if seeds and F.seeds_for:
-        for entry in _seed_entries(F.seeds_for, rows, algorithms):
-            repeats[entry] = [f"{entry}@seed{s}" for s in seeds]
-            for s, name in zip(seeds, repeats[entry]):
-                if not F.report_only:
-                    _run(name, algorithms[entry], F.compare_dir, passthrough(entry), status, seed=s)
-        rows = report(F.methods, F.compare_dir, status, F.target_accuracy, repeats)
-    print(open(os.path.join(F.compare_dir, "compare.md")).read())
+    first_rows = list(rows)
+    # (2) the second setting
+    second_rows = []
+    folder = os.path.join(F.compare_dir, F.second_name)
     if second and F.second_methods:
-        folder = os.path.join(F.compare_dir, F.second_name)
         os.makedirs(folder, exist_ok=True)
-        if not F.report_only:
+        if runs("second"):
             for entry in F.second_methods:
                 _run(entry, algorithms[entry], folder, passthrough(entry, second), status)
-        rows += report(F.second_methods, folder, status, F.target_accuracy)
+        second_rows = report(F.second_methods, folder, status, F.target_accuracy)
+    # (3) the other seeds; topN_baselines is chosen from the finished first part only
+    seed_rows = []
+    if seeds and F.seeds_for:
+        repeats, waiting = {}, _unfinished(first_rows) and any(map(_is_top, F.seeds_for))
+        if waiting and runs("seeds"):
+            print("compare: the strongest baselines' seeds wait until every --methods entry has "
+                  "finished", flush=True)
+        for entry in _seed_entries([i for i in F.seeds_for if not (waiting and _is_top(i))],
+                                   first_rows, algorithms):
+            repeats[entry] = [f"{entry}@seed{s}" for s in seeds]
+            for s, name in zip(seeds, repeats[entry]):
+                if runs("seeds"):
+                    _run(name, algorithms[entry], F.compare_dir, passthrough(entry), status, seed=s)
+        rows = report(F.methods, F.compare_dir, status, F.target_accuracy, repeats)
+        seed_rows = [r for r in rows if r["method"] not in F.methods] + (
+            [{"method": "top_baselines@seeds", "status": "not run"}] if waiting else [])
+    print(open(os.path.join(F.compare_dir, "compare.md")).read())
+    if second_rows:
         print(f"{F.second_name} ({' '.join(second)}):")
         print(open(os.path.join(folder, "compare.md")).read())
     # A diverged method is a result (reported in the table); a failed or missing one is not.
-    if any(r["status"] == "not run" or r["status"].startswith("failed") for r in rows):
+    if any(checked(part) and _unfinished(part_rows) for part, part_rows in
+           (("first", first_rows), ("second", second_rows), ("seeds", seed_rows))):
         sys.exit(1)
 
 

@@ -80,7 +80,7 @@ def test_a_method_flagfile_may_not_change_the_shared_setting(tmp_path):
     assert proc.returncode == 2 and "fedavg.flags:2: --topk_fraction is not a setting of fedavg" in proc.stderr
 
 
-def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
+def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting(monkeypatch):
     from absl import flags
 
     from experiments import compare, run as run_cli  # noqa: F401 -- defines the flags
@@ -98,6 +98,18 @@ def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting():
         cfg = run_cli.config_from_flags()  # builds and checks the RunConfig
         assert cfg.algorithm == compare.entry_algorithm(entry, METHODS_DIR)
         assert entry not in METHODS or cfg.algorithm == entry
+    monkeypatch.chdir(ROOT)  # a method flagfile's --flagfile= includes are read from here, as absl does
+    cnn = os.path.join(ROOT, "experiments", "configs", "methods_conv4_cpu")
+    setting = os.path.join(ROOT, "experiments", "configs", "fmnist_conv4_cpu.flags")
+    for name in sorted(os.listdir(cnn)):
+        entry, text = name[:-6], open(os.path.join(cnn, name)).read()
+        # says where its values come from: tuned on the CNN, not yet, or the MLP comparison's
+        assert ("MLP-tuned values" in text or "tuned on the CNN" in text or "NOT YET TUNED" in text), name
+        assert f"--flagfile=experiments/configs/methods/{entry}.flags" in text, name
+        assert compare.entry_algorithm(entry, cnn) == compare.entry_algorithm(entry, METHODS_DIR)
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog", f"--flagfile={setting}", f"--flagfile={os.path.join(cnn, name)}"])
+        assert run_cli.config_from_flags().model == "conv4"
     configs = os.path.join(ROOT, "experiments", "configs")
     shipped = sorted(f for f in os.listdir(configs) if f.startswith("compare") and f.endswith(".flags"))
     assert "compare_fmnist.flags" in shipped
@@ -151,3 +163,96 @@ def test_variants_seeds_and_a_second_setting(tmp_path):
     bad = _compare(*SETTING, "--methods=fedpm", f"--method_configs={folder}", "--second_methods=fedpm",
                    "--second_setting=--client_lr=0.3", f"--compare_dir={out}")
     assert bad.returncode == 2 and "is not a run flag" in bad.stderr
+
+
+def test_a_method_flagfile_may_include_another(tmp_path, monkeypatch):
+    from experiments import compare
+
+    monkeypatch.chdir(tmp_path)  # includes are read from the working directory, as absl does
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "fedavg.flags").write_text("--algorithm=fedavg\n--client_lr=0.1\n")
+    (tmp_path / "base" / "fedpm.flags").write_text("# reference code\n--algorithm=fedpm\n--client_lr=0.1\n")
+    folder = tmp_path / "cnn"
+    folder.mkdir()
+    (folder / "fedavg.flags").write_text("# tuned\n--flagfile=base/fedavg.flags\n--server_lr=3.0\n")
+    (folder / "kaiming.flags").write_text("--flagfile=base/fedpm.flags\n--weight_init=signed_kaiming\n")
+    assert compare.method_flagfile("fedavg", str(folder)) == str(folder / "fedavg.flags")
+    assert compare.entry_algorithm("fedavg", str(folder)) == "fedavg"
+    assert compare.entry_algorithm("kaiming", str(folder)) == "fedpm"
+    (tmp_path / "base" / "fedavg.flags").write_text("--algorithm=fedavg\n--rounds=5\n")
+    with pytest.raises(ValueError, match="base/fedavg.flags:2: --rounds is part of the shared setting"):
+        compare.method_flagfile("fedavg", str(folder))
+    (folder / "fedavg.flags").write_text("--flagfile=base/nope.flags\n")
+    with pytest.raises(ValueError, match="fedavg.flags:1: --flagfile=base/nope.flags: no such file"):
+        compare.method_flagfile("fedavg", str(folder))
+    (folder / "fedavg.flags").write_text("--server_lr=1.0\n--flagfile=base/fedpm.flags\n")
+    with pytest.raises(ValueError, match="--algorithm=... must come first"):
+        compare.method_flagfile("fedavg", str(folder))
+    (folder / "fedavg.flags").write_text("--flagfile=base/fedpm.flags\n")
+    with pytest.raises(ValueError, match="must contain --algorithm=fedavg"):
+        compare.method_flagfile("fedavg", str(folder))
+    (folder / "fedavg.flags").write_text("--algorithm=fedavg\n--flagfile=cnn/fedavg.flags\n")
+    with pytest.raises(ValueError, match="includes itself"):
+        compare.method_flagfile("fedavg", str(folder))
+
+
+def _fake_compare(monkeypatch, tmp_path, *args):
+    """Runs experiments.compare's main with its runs and tables faked: returns the runs it
+    started, in order, and its exit status. A run "finishes" with accuracies by name."""
+    from absl import flags
+
+    from experiments import compare
+
+    accuracy = {"fedpm": 0.7, "fedavg": 0.9, "signsgd": 0.8}
+    started = []
+
+    def run(name, algorithm, folder, passthrough, status, seed=None):
+        started.append(os.path.relpath(os.path.join(folder, name), tmp_path))
+        os.makedirs(os.path.join(folder, name))  # finished (and never started twice)
+
+    def report(methods, compare_dir, status, target, repeats=None):
+        names = methods + [r for m in methods for r in (repeats or {}).get(m, [])]
+        rows = []
+        for name in names:
+            if os.path.isdir(os.path.join(compare_dir, name)):
+                rows.append({"method": name, "status": "done",
+                             "final_test_accuracy": accuracy[name.split("@")[0]]})
+            else:
+                rows.append({"method": name, "status": status.get(name, "not run")})
+        with open(os.path.join(compare_dir, "compare.md"), "w") as f:
+            f.write("table\n")
+        return rows
+
+    monkeypatch.setattr(compare, "_run", run)
+    monkeypatch.setattr(compare, "report", report)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["prog", *SETTING, "--methods=fedpm,fedavg,signsgd", f"--method_configs={METHODS_DIR}",
+                 f"--compare_dir={tmp_path}", "--seeds=1", "--seeds_for=fedpm,top1_baselines",
+                 "--second_setting=--split=noniid", "--second_methods=fedpm,fedavg", *args])
+    try:
+        compare.main([])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        flags.FLAGS.unparse_flags()
+    return started, code
+
+
+def test_parts_run_in_order_first_second_seeds_and_one_at_a_time(tmp_path, monkeypatch):
+    first = ["fedpm", "fedavg", "signsgd"]
+    second = ["noniid/fedpm", "noniid/fedavg"]
+    seeds = ["fedpm@seed1", "fedavg@seed1"]  # fedavg: the strongest baseline
+    started, code = _fake_compare(monkeypatch, tmp_path / "all")
+    assert (started, code) == ([*first, *second, *seeds], 0)
+    # the parts one at a time, as scripts/conv4_comparison.sh runs them: each succeeds alone
+    for part, expected in (("first", first), ("second", second), ("seeds", seeds)):
+        started, code = _fake_compare(monkeypatch, tmp_path / "parts", f"--parts={part}")
+        assert (started, code) == (expected, 0), part
+    # seeds before the first part: the strongest baselines are not known yet, so they wait
+    started, code = _fake_compare(monkeypatch, tmp_path / "early", "--parts=seeds")
+    assert (started, code) == (["fedpm@seed1"], 1)
+    started, code = _fake_compare(monkeypatch, tmp_path / "none", "--report_only")
+    assert (started, code) == ([], 1)
+    started, code = _fake_compare(monkeypatch, tmp_path / "bad", "--parts=first,third")
+    assert code == 2
