@@ -47,6 +47,11 @@ product per client, one product for the forward pass, three for the step.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the heavy imports: it may re-execute this command
+    from fedmask_jax import huge_pages
+
+    huge_pages.ensure()
+
 import json
 import os
 import time

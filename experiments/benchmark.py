@@ -16,6 +16,11 @@ pixels are, and no archive is needed.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the heavy imports: it may re-execute this command
+    from fedmask_jax import huge_pages
+
+    huge_pages.ensure()
+
 import json
 import os
 import resource

@@ -33,6 +33,11 @@ Writes ``compare.json`` (one object per run), ``compare.md`` and the PNG plots
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the heavy imports: it may re-execute this command
+    from fedmask_jax import huge_pages
+
+    huge_pages.ensure()
+
 import os
 import sys
 

@@ -10,6 +10,11 @@ docs/results.md shows what it printed.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the heavy imports: it may re-execute this command
+    from fedmask_jax import huge_pages
+
+    huge_pages.ensure()
+
 import json
 import os
 import subprocess

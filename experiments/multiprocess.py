@@ -17,6 +17,11 @@ For several hosts, run ``experiments.run --distributed --coordinator_address=HOS
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the heavy imports: it may re-execute this command
+    from fedmask_jax import huge_pages
+
+    huge_pages.ensure()
+
 import ctypes
 import json
 import math

@@ -13,6 +13,11 @@ results are written); 130 interrupted (Ctrl-C).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the heavy imports: it may re-execute this command
+    from fedmask_jax import huge_pages
+
+    huge_pages.ensure()
+
 import errno
 import sys
 

@@ -16,6 +16,11 @@ Exit codes: as experiments.run (0 done, 2 bad input, 3 a check failed, 4 some ru
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the heavy imports: it may re-execute this command
+    from fedmask_jax import huge_pages
+
+    huge_pages.ensure()
+
 import hashlib
 import json
 import os

@@ -17,6 +17,11 @@ accelerators); --report_only rebuilds the table from whatever has finished.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the heavy imports: it may re-execute this command
+    from fedmask_jax import huge_pages
+
+    huge_pages.ensure()
+
 import csv
 import itertools
 import json
