@@ -1,8 +1,10 @@
 """Checkpoints of a run (orbax): the server state, every client's persistent state and the
 history, so that a resumed run continues exactly where the checkpoint was taken.
 
-Each checkpoint carries an integrity record, ``integrity.json``: the SHA-256 of every file
-orbax wrote, written last and atomically. A checkpoint restores only if its record is there
+Each checkpoint carries the settings of the runs it holds, ``settings.json`` (what a resume
+checks its flags against: config.json may be deleted or rewritten, the checkpoint's own record
+goes with the state it describes), and an integrity record, ``integrity.json``: the SHA-256 of
+every other file, written last and atomically. A checkpoint restores only if its record is there
 and every file matches it; otherwise the newest older checkpoint that does is used, and the
 run says so. A kill at any moment leaves the previous checkpoint intact (orbax writes into a
 temporary folder and renames it; the record comes after).
@@ -10,10 +12,15 @@ temporary folder and renames it; the record comes after).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
+import threading
 
 import jax
 
@@ -21,10 +28,54 @@ from fedmask_jax import distributed, outputs
 from fedmask_jax.history import History
 
 INTEGRITY = "integrity.json"
+SETTINGS = "settings.json"
 
 
 class CheckpointError(ValueError):
     """No checkpoint of a workdir can be used; the message says why, per checkpoint."""
+
+
+def _out_of_space(e: BaseException) -> bool:
+    text = str(e)
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text \
+        or "os_error_code='28'" in text
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs every failed write of a save, with its traceback, from each of its threads;
+    the save's own exception says it once."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C or SIGTERM that arrives during a save is delivered once the save is over: raised
+    inside it, the exception leaves orbax's writer threads failing, and logging it, while the
+    process exits, and the checkpoint of the rounds just done would be lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    replaced = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler not in (signal.SIG_IGN, None):
+            replaced[signum] = handler
+            signal.signal(signum, lambda n, _: held.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 def _digest(path: str) -> str:
@@ -48,10 +99,13 @@ def _files(folder: str) -> dict[str, str]:
 
 
 class Checkpointer:
-    """``<workdir>/checkpoints/<rounds done>/``, the last two kept."""
+    """``<workdir>/checkpoints/<rounds done>/``, the last two kept; ``settings``: each run's
+    ``RunConfig.record()``, saved with every checkpoint."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, settings: list[dict] | None = None):
         self.folder = os.path.join(workdir, "checkpoints")
+        self.settings = settings
+        self._problems: dict[int, str | None] = {}  # each step's verification, done once
 
     def _manager(self):
         import orbax.checkpoint as ocp
@@ -65,23 +119,40 @@ class Checkpointer:
 
     def clear(self) -> None:
         """A fresh run replaces an old run's checkpoints."""
+        self._problems.clear()
         if os.path.isdir(self.folder):
             shutil.rmtree(self.folder)
 
     def save(self, rounds_done: int, server, store, histories: list[History]) -> None:
         """The state after ``rounds_done`` rounds; ``histories``: each run's (one, or a
         batch's), the server and store with the batch's leading runs axis."""
+        with _signals_held():
+            self._save(rounds_done, server, store, histories)
+
+    def _save(self, rounds_done: int, server, store, histories: list[History]) -> None:
         import orbax.checkpoint as ocp
 
-        with self._manager() as mngr:
-            mngr.save(rounds_done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self._device_state(server, store)),
-                history=ocp.args.JsonSave({"runs": [h.to_json() for h in histories]})))
-            mngr.wait_until_finished()
+        self._problems.pop(rounds_done, None)
+        state, history = self._device_state(server, store), {"runs": [h.to_json() for h in histories]}
+        try:
+            with _quiet_orbax(), self._manager() as mngr:
+                mngr.save(rounds_done, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
+                mngr.wait_until_finished()
+        except Exception as e:
+            if _out_of_space(e):  # tensorstore reports it as a ValueError of its own
+                # The failed save's asyncio tasks each log the error again when collected,
+                # after the run has said it once; the run is ending.
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+                raise OSError(errno.ENOSPC, f"No space left on device while writing checkpoint {rounds_done}",
+                              self.folder) from None
+            raise
         # Several processes (jax.distributed): each saved through orbax, which writes every
         # value once; process 0 alone records the files and the others wait for the record.
         if distributed.is_primary():
             step_dir = os.path.join(self.folder, str(rounds_done))
+            if self.settings is not None:
+                outputs.write_json_atomic(os.path.join(step_dir, SETTINGS), {"runs": self.settings})
             outputs.write_json_atomic(os.path.join(step_dir, INTEGRITY),
                                       {"rounds_done": rounds_done, "sha256": _files(step_dir)})
         distributed.barrier(f"fedmask_jax checkpoint {rounds_done}")
@@ -94,6 +165,25 @@ class Checkpointer:
 
     def problem(self, step: int) -> str | None:
         """What is wrong with checkpoint ``step`` against its integrity record, or None."""
+        if step not in self._problems:
+            self._problems[step] = self._verify(step)
+        return self._problems[step]
+
+    def usable_step(self) -> int | None:
+        """The newest checkpoint whose files match their integrity record (the one a resume
+        tries first), or None."""
+        return next((s for s in self.steps() if self.problem(s) is None), None)
+
+    def recorded_settings(self, step: int) -> list[dict] | None:
+        """Each run's settings as checkpoint ``step`` recorded them; None for a checkpoint
+        made before checkpoints carried them."""
+        try:
+            with open(os.path.join(self.folder, str(step), SETTINGS)) as f:
+                return list(json.load(f)["runs"])
+        except FileNotFoundError:
+            return None
+
+    def _verify(self, step: int) -> str | None:
         step_dir = os.path.join(self.folder, str(step))
         try:
             with open(os.path.join(step_dir, INTEGRITY)) as f:

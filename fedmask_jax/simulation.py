@@ -63,15 +63,14 @@ def execute_runs(cfgs: Sequence[RunConfig], *, batch_dir: str | None = None,
     with contextlib.ExitStack() as locks:
         for lock_dir in dict.fromkeys([holder, *workdirs]) if primary else ():
             locks.enter_context(outputs.WorkdirLock(lock_dir))
-        return _execute(list(cfgs), workdirs, Checkpointer(holder), t_start,
+        checkpointer = Checkpointer(holder, settings=[c.record() for c in cfgs])
+        return _execute(list(cfgs), workdirs, checkpointer, t_start,
                         extra_sinks or [()] * len(cfgs), console_to_log, primary)
 
 
 def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log, primary=True):
     resume = cfgs[0].resume
-    if resume:
-        for c, w in zip(cfgs, workdirs):
-            _check_same_config(c, w)
+    checked = _check_same_config(cfgs, workdirs, checkpointer) if resume else None
     exp = experiment.build(cfgs, workdirs=workdirs if primary else None)  # hooks' files: process 0's
     logs = []
     try:
@@ -81,6 +80,8 @@ def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log,
             restored = checkpointer.restore_latest(server, store, exp.runs)
         if restored is not None:
             start, server, store, histories, notes = restored
+            if start != checked:  # a newer checkpoint verified but did not restore
+                _check_same_config(cfgs, workdirs, checkpointer, step=start)
         compile_s = exp.compile(server, store)
         header = [exp.describe() + f"; compiled in {compile_s:.1f}s",
                   *filter(None, (h.header() for h in exp.hooks[0]))]
@@ -97,7 +98,7 @@ def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log,
                 _write_config_record(exp, i, w)
                 log = open(os.path.join(w, console_to_log), "a", buffering=1) if console_to_log and c.verbose else None
                 logs += [log] if log else []
-                run_sinks[:0] = sinks.default_sinks(w, c.rounds, histories[i].rounds_done, verbose=c.verbose,
+                run_sinks[:0] = sinks.default_sinks(w, c.rounds, histories[i], verbose=c.verbose,
                                                     tensorboard=c.tensorboard, console=log)
             for sink in run_sinks:
                 sink.open(header)
@@ -161,14 +162,34 @@ def _summary(exp: experiment.Experiment, i: int, state: loop.RunState, compile_s
     return summary
 
 
-def _check_same_config(cfg: RunConfig, workdir: str) -> None:
-    """``--resume`` continues only the run the workdir holds, unless told otherwise."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path) or cfg.allow_config_change:
-        return
-    with open(path) as f:
-        recorded = _flatten(json.load(f)["config"])
-    current = _flatten(json.loads(json.dumps(cfg.record())))
+def _check_same_config(cfgs: Sequence[RunConfig], workdirs: Sequence[str], checkpointer: Checkpointer,
+                       step: int | None = None) -> int | None:
+    """``--resume`` continues only the run the workdir holds, unless told otherwise: the
+    settings are checked against those the checkpoint to be restored was made with (``step``;
+    default: the newest that verifies), or against config.json where there is no checkpoint
+    to restore or it predates checkpoints carrying their settings. Returns the step checked."""
+    step = checkpointer.usable_step() if step is None else step
+    if cfgs[0].allow_config_change:
+        return step
+    recorded = checkpointer.recorded_settings(step) if step is not None else None
+    for i, (cfg, workdir) in enumerate(zip(cfgs, workdirs)):
+        path = os.path.join(workdir, "config.json")
+        if recorded is not None and i < len(recorded):
+            settings = recorded[i]
+        elif os.path.isfile(path):
+            with open(path) as f:
+                settings = json.load(f)["config"]
+        elif step is not None:
+            raise ValueError(f"--resume: checkpoint {step} in {checkpointer.folder} does not record the "
+                             f"settings it was made with, and {path} is missing; pass "
+                             "--allow_config_change to resume with these flags anyway")
+        else:
+            continue  # nothing to resume: the run starts afresh
+        _compare(_flatten(settings), _flatten(json.loads(json.dumps(cfg.record()))), workdir)
+    return step
+
+
+def _compare(recorded: dict, current: dict, workdir: str) -> None:
     differ = sorted(k for k in set(recorded) | set(current)
                     if k not in RESUME_NEUTRAL and recorded.get(k) != current.get(k))
     if differ:

@@ -17,6 +17,7 @@ import tempfile
 from typing import TextIO
 
 from fedmask_jax import outputs
+from fedmask_jax.history import History
 
 
 class Sink:
@@ -31,38 +32,93 @@ class Sink:
         return {}
 
 
+def _row(record: dict) -> str:
+    """A record as its metrics.jsonl line: strict JSON, keys sorted."""
+    return json.dumps(outputs.finite_or_none(record), sort_keys=True, allow_nan=False)
+
+
+def _read_rows(path: str) -> tuple[list[tuple[int, str]], int]:
+    """The (round, canonical line) rows of an existing metrics.jsonl and how many of its lines
+    do not parse as a row, not counting a last line cut short by a kill."""
+    if not os.path.exists(path):
+        return [], 0
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows, unreadable = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            rows.append((int(record["round"]), _row(record)))
+        except (ValueError, TypeError, KeyError):
+            torn = i == len(lines) - 1  # no newline after it: the write a kill interrupted
+            unreadable += not torn
+    return rows, unreadable
+
+
+def _repair_note(found: tuple[list[tuple[int, str]], int], expected: dict[int, str],
+                 last_round: int) -> str | None:
+    rows, unreadable = found
+    seen: dict[int, list[str]] = {}
+    for r, line in rows:
+        if r <= last_round:
+            seen.setdefault(r, []).append(line)
+    missing = sorted(r for r in expected if r not in seen)
+    differed = sorted(r for r in expected if r in seen and expected[r] not in seen[r])
+    repeated = sorted(r for r in expected if len(seen.get(r, ())) > 1)
+    stray = sorted(r for r in seen if r not in expected)
+    parts = [f"{_rounds(rs)} {what}" for rs, what in ((missing, "missing"), (differed, "differed"),
+                                                      (repeated, "repeated"),
+                                                      (stray, "not evaluated in it")) if rs]
+    if unreadable:
+        parts.append(f"{unreadable} unreadable line{'s' if unreadable > 1 else ''} dropped")
+    if not parts:
+        return None
+    return "resume: rewrote metrics.jsonl from the checkpoint's history: " + "; ".join(parts)
+
+
+def _rounds(rounds: list[int]) -> str:
+    """'round 3' or 'rounds 1-4, 7' (runs of consecutive rounds shortened)."""
+    spans: list[list[int]] = []
+    for r in rounds:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"round{'s' if len(rounds) > 1 else ''} {text}"
+
+
 class MetricsJsonl(Sink):
     """<workdir>/metrics.jsonl: one JSON object per evaluated round, flushed line by line so a
     crash loses at most the line being written.
 
-    ``keep_until=R`` keeps the existing records of rounds <= R (a resumed run) and drops the
-    rest, including a half-written last line, rewriting the file atomically first.
+    ``history``: the rounds a resumed run restored from its checkpoint (empty for a fresh
+    run). The file is first rewritten, atomically, to hold exactly one row per evaluated round
+    of that history, each equal to the history's record: the plots and comparisons read this
+    file, and a row lost or damaged since it was written would otherwise stay lost. Rows
+    after the checkpoint (a killed run's, to be computed again) and a line cut short by a
+    kill are dropped silently; ``repaired`` is one line saying which rows had to be put back
+    or replaced (None when the file agreed with the history).
     """
 
-    def __init__(self, path: str, keep_until: int = 0):
+    def __init__(self, path: str, history: History | None = None):
         self.path = path
-        kept = []
-        if keep_until and os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # a line cut short by a kill
-                    if record.get("round", 0) <= keep_until:
-                        kept.append(line if line.endswith("\n") else line + "\n")
+        expected = {r.round: _row(r.flat()) for r in (history.records if history else ()) if r.evaluation is not None}
+        resumed = history.rounds_done if history else 0
+        self.repaired = _repair_note(_read_rows(path), expected, resumed) if resumed else None
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".jsonl")
         with os.fdopen(fd, "w") as f:
-            f.writelines(kept)
+            f.writelines(line + "\n" for _, line in sorted(expected.items()))
         os.chmod(tmp, outputs.FILE_MODE)
         os.replace(tmp, path)
         self._file = open(path, "a")
 
     def round(self, record: dict, evaluated: bool) -> None:
         if evaluated:
-            self._file.write(json.dumps(outputs.finite_or_none(record), sort_keys=True,
-                                        allow_nan=False) + "\n")
+            self._file.write(_row(record) + "\n")
             self._file.flush()
 
     def close(self, summary):
@@ -135,15 +191,15 @@ def progress_line(record: dict, total_rounds: int, eta_s: float) -> str:
 class Console(Sink):
     """The header, a line per round with an ETA, and the outcome."""
 
-    def __init__(self, total_rounds: int, out: TextIO | None = None):
-        self.total, self._out, self._times = total_rounds, out, []
+    def __init__(self, total_rounds: int, out: TextIO | None = None, notes: tuple[str, ...] = ()):
+        self.total, self._out, self._times, self.notes = total_rounds, out, [], notes
 
     @property
     def out(self) -> TextIO:
         return self._out or sys.stdout  # whatever stdout is when a line is printed
 
     def open(self, header):
-        for line in header:
+        for line in [*header, *self.notes]:
             print(line, file=self.out, flush=True)
 
     def round(self, record, evaluated):
@@ -200,13 +256,14 @@ class SummaryFile(Sink):
         return {}
 
 
-def default_sinks(workdir: str, total_rounds: int, start_round: int, *, verbose: bool,
+def default_sinks(workdir: str, total_rounds: int, history: History, *, verbose: bool,
                   tensorboard: bool, console: TextIO | None = None) -> list[Sink]:
     """What ``experiments.run`` writes: console (stdout, or ``console``), metrics.jsonl,
-    TensorBoard, plots, summary."""
-    sinks: list[Sink] = [Console(total_rounds, console)] if verbose else []
-    sinks.append(MetricsJsonl(os.path.join(workdir, "metrics.jsonl"), keep_until=start_round))
+    TensorBoard, plots, summary. ``history``: the rounds restored from a checkpoint."""
+    metrics = MetricsJsonl(os.path.join(workdir, "metrics.jsonl"), history)
+    sinks: list[Sink] = [Console(total_rounds, console, tuple(filter(None, [metrics.repaired])))] if verbose else []
+    sinks.append(metrics)
     if tensorboard:
-        sinks.append(TensorBoard(os.path.join(workdir, "tensorboard"), start_round))
+        sinks.append(TensorBoard(os.path.join(workdir, "tensorboard"), history.rounds_done))
     sinks += [Plots(workdir), SummaryFile(os.path.join(workdir, "summary.json"))]
     return sinks

@@ -79,17 +79,56 @@ def test_resume_refuses_different_flags_unless_told(tmp_path):
     assert [json.loads(l)["round"] for l in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_metrics_log_drops_records_after_the_checkpoint_and_a_torn_line(tmp_path):
+def _history(*rounds, evaluated=None):
+    from fedmask_jax.history import History, RoundRecord
+
+    evaluated = rounds if evaluated is None else evaluated
+    return History([RoundRecord(r, {"x": r}, {"test_accuracy": r / 10} if r in evaluated else None)
+                    for r in rounds])
+
+
+def test_metrics_log_keeps_the_checkpoints_rows_and_drops_later_ones_and_a_torn_line(tmp_path):
     from fedmask_jax.sinks import MetricsJsonl
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"round": 1}\n{"round": 2}\n{"round": 3}\n{"round": 4, "test_acc')
-    log = MetricsJsonl(str(path), keep_until=2)
+    rows = [json.dumps({"round": r, "test_accuracy": r / 10, "x": r}, sort_keys=True) for r in (1, 2, 3)]
+    path.write_text("\n".join(rows) + '\n{"round": 4, "test_acc')
+    log = MetricsJsonl(str(path), _history(1, 2))
+    assert log.repaired is None  # the file agreed with the history: nothing to say
     log.round({"round": 3, "x": 1}, evaluated=True)
     log.round({"round": 4, "x": 2}, evaluated=False)  # only evaluated rounds are written
     log.close(None)
-    assert [json.loads(l) for l in path.read_text().splitlines()] == [
-        {"round": 1}, {"round": 2}, {"round": 3, "x": 1}]
+    assert path.read_text().splitlines() == [*rows[:2], '{"round": 3, "x": 1}']
+
+
+@pytest.mark.parametrize("damage, note", [
+    ("first row only", "rounds 2-3 missing"),
+    ("garbage line 2", "round 2 missing; 1 unreadable line dropped"),
+    ("a changed value", "round 2 differed"),
+    ("a repeated row", "round 1 repeated"),
+    ("no file", "rounds 1-3 missing"),
+    ("a row the history did not evaluate", "round 2 not evaluated in it"),
+])
+def test_metrics_log_puts_back_every_row_of_the_checkpoints_history_and_says_which(tmp_path, damage, note):
+    from fedmask_jax.sinks import MetricsJsonl
+
+    path = tmp_path / "metrics.jsonl"
+    history = _history(1, 2, 3, evaluated=(1, 3) if "did not evaluate" in damage else None)
+    rows = [json.dumps(r.flat(), sort_keys=True) for r in history.records if r.evaluation is not None]
+    found = {
+        "first row only": lambda: rows[:1],
+        "garbage line 2": lambda: [rows[0], "{not json", rows[2]],
+        "a changed value": lambda: [rows[0], rows[1].replace('"x": 2', '"x": 5'), rows[2]],
+        "a repeated row": lambda: [rows[0], rows[0], *rows[1:]],
+        "no file": lambda: None,
+        "a row the history did not evaluate": lambda: [rows[0], '{"round": 2, "x": 2}', rows[1]],
+    }[damage]()
+    if found is not None:
+        path.write_text("\n".join(found) + "\n")
+    log = MetricsJsonl(str(path), history)
+    log.close(None)
+    assert log.repaired == f"resume: rewrote metrics.jsonl from the checkpoint's history: {note}"
+    assert path.read_text().splitlines() == rows  # every evaluated round once, as the history has it
 
 
 @pytest.mark.slow
