@@ -703,6 +703,50 @@ def host_memory_bytes(default: int = 8 * 2**30) -> int:
         return default
 
 
+def _tree_bytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def message_bytes(alg: FederatedAlgorithm) -> int:
+    """Bytes of one client's collected message (``uplink_payload``), from shapes alone."""
+    if alg.uplink_payload is None:
+        return 0
+    server = jax.eval_shape(alg.server_init, jax.random.key(0))
+    persistent = jax.eval_shape(alg.persistent_init)
+
+    def payload(server, persistent, key):
+        state = alg.client_init(server, persistent)
+        return alg.uplink_payload(alg.client_finish(server, state, persistent, jnp.int32(1), key).contribution)
+
+    return _tree_bytes(jax.eval_shape(payload, server, persistent, jax.random.key(0)))
+
+
+def memory_needed(alg: FederatedAlgorithm, cfg: EngineConfig, *, num_clients: int, index_width: int,
+                  runs: int = 1, runs_per_device: int | None = None) -> dict[str, int]:
+    """What a run's arrays take on its device, in bytes, from shapes alone (nothing is
+    allocated), by what sets their size: the client index (every client's row padded to the
+    widest client), every client's persistent state, a vmapped chunk's working set (as
+    ``auto_chunk_size`` counts it) and the messages collected per round. ``runs`` runs in one
+    program, ``runs_per_device`` of them on each device (default: all)."""
+    per_device = runs if runs_per_device is None else runs_per_device
+    vectorized = min(cfg.runs_vectorized or per_device, per_device)
+    return {
+        "client index": per_device * num_clients * index_width * 4,
+        "persistent client states": per_device * num_clients * _tree_bytes(jax.eval_shape(alg.persistent_init)),
+        "client chunk": vectorized * cfg.client_chunk_size * 8 * 4 * alg.num_params,
+        "collected messages": per_device * cfg.collect * message_bytes(alg),
+    }
+
+
+def device_memory_bytes(backend: str | None = None) -> int | None:
+    """Memory of one device: the host's on CPU, the allocator's limit on accelerators (None
+    when the device does not say)."""
+    if (backend or jax.default_backend()) == "cpu":
+        return host_memory_bytes()
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return int(stats["bytes_limit"]) if stats.get("bytes_limit") else None
+
+
 def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: str,
                     memory_budget_bytes: float | None = None) -> int:
     """How many clients to vmap together, chosen per backend.

@@ -180,6 +180,61 @@ def _check_partition(cfg: RunConfig, parts: Sequence[np.ndarray]) -> None:
                          f"client: {sizes.max()} examples); lower --batch_size or give clients more data")
 
 
+def _check_counts(cfg: RunConfig, examples: int) -> None:
+    """Told from the counts alone, before a partition of that many clients is drawn."""
+    if cfg.num_clients > examples:
+        held = (f" left by --validation_fraction={cfg.validation_fraction:g}" if cfg.validation_fraction > 0 else "")
+        raise ValueError(f"--num_clients={cfg.num_clients} is more than the {examples} training examples"
+                         f"{held} of --dataset={cfg.dataset}, and every client needs at least one; "
+                         f"choose at most {examples}")
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def _check_memory(cfgs: Sequence[RunConfig], algorithm: FederatedAlgorithm, engine_config: engine.EngineConfig,
+                  mesh: Mesh, partitions: list[list[np.ndarray]], dataset: Dataset, backend: str) -> None:
+    """Refuses a run whose arrays cannot fit its device, before any of them is allocated: a
+    population too large for its per-client arrays would otherwise spend minutes building
+    them and then die of an out-of-memory error."""
+    available = engine.device_memory_bytes(backend)
+    if available is None:
+        return
+    cfg, runs = cfgs[0], len(cfgs)
+    width = max(len(p) for parts in partitions for p in parts)
+    per_device = -(-runs // mesh.shape.get(engine.RUNS_AXIS, 1)) if runs > 1 else 1
+    parts = engine.memory_needed(algorithm, engine_config, num_clients=cfg.num_clients, index_width=width,
+                                 runs=runs, runs_per_device=per_device)
+    parts["training and test data"] = sum(a.nbytes for a in (dataset.x_train, dataset.y_train,
+                                                             dataset.x_test, dataset.y_test))
+    needed = sum(parts.values())
+    if needed <= available:
+        return
+    largest = max(parts, key=parts.get)
+    fix = {
+        "client index": f"lower --num_clients, or cap the widest client ({width} examples, the width "
+                        "every client's row is padded to) with --max_examples_per_client",
+        "persistent client states": f"lower --num_clients (each client keeps "
+                                    f"{_size(parts[largest] / cfg.num_clients / per_device)} "
+                                    "across rounds), or run without the setting that keeps it",
+        "client chunk": "lower --client_chunk_size",
+        "collected messages": "check fewer clients' messages per round (--verify_coded_clients)",
+        "training and test data": "choose a smaller --dataset",
+    }[largest]
+    if runs > 1:
+        fix += ", or put fewer runs in one program (--max_runs_per_program)"
+    where = "this machine has" if backend == "cpu" else f"one {backend} device has"
+    raise ValueError(
+        f"--num_clients={cfg.num_clients} --clients_per_round={cfg.clients_per_round}"
+        f"{f' ({runs} runs in one program)' if runs > 1 else ''} needs about {_size(needed)} of memory ("
+        + ", ".join(f"{k} {_size(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+        + f") and {where} {_size(available)}; {fix}")
+
+
 def _client_data(x: np.ndarray, y: np.ndarray, partitions: list[list[np.ndarray]]) -> engine.ClientData:
     """The runs' client data: shared examples, each run's index padded to the longest client
     of any run (padding changes no result: extra steps are masked) and stacked when several."""
@@ -210,6 +265,7 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
                              f"{dataset.num_classes} classes of --dataset={c.dataset}; choose at most "
                              f"{dataset.num_classes}")
         ds = holdout_validation(dataset, c.validation_fraction, c.seed) if c.validation_fraction > 0 else dataset
+        _check_counts(c, len(ds.y_train))
         parts = partition(ds.y_train, c.num_clients, c.split, seed=c.seed,
                           classes_per_client=c.classes_per_client, dirichlet_alpha=c.dirichlet_alpha,
                           max_examples_per_client=c.max_examples_per_client or None)
@@ -255,6 +311,13 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
     else:  # the host loop drives one device; the scanned round shards clients over the mesh
         mesh = engine.clients_mesh(cfg.num_devices if strategy == "scan" else 1)
     distributed.check_mesh(mesh.devices.flat, strategy)  # several processes: one mesh over all
+    try:
+        _check_memory(cfgs, algorithms[0], engine_config, mesh, partitions, dataset, backend)
+    except ValueError:
+        for run_hooks in hooks:
+            for hook in run_hooks:
+                hook.close()
+        raise
     round_fn = engine.make_round_fn(algorithms[0], engine_config, strategy, mesh, runs=len(cfgs))
     eval_fn = engine.make_eval_fn(algorithms[0], cfg.eval_batch_size, engine.compiler_options(engine_config),
                                   runs=len(cfgs), runs_vectorized=engine_config.runs_vectorized)
