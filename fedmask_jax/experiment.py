@@ -287,6 +287,7 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
 
     backend = jax.default_backend()
     conv.set_cpu_kernel(cfg.cpu_conv)  # read when the round and evaluation are traced
+    conv.set_conv_precision(cfg.conv_precision)
     strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(conv=arch.conv, backend=backend)
     if len(cfgs) > 1 and strategy != "scan":
         raise ValueError(f"runs share one program only with --strategy=scan (this one is {strategy}); "

@@ -22,8 +22,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fedmask_jax import masking
+from fedmask_jax import conv, masking
 from fedmask_jax.conv import conv2d_same, conv_general_dilated
 
 WEIGHT_INITS = ("signed_constant", "signed_kaiming")
@@ -60,6 +61,11 @@ class _MaskedLayer(nn.Module):
     mask_gradient: str = "reference"
 
     def _masked(self, name: str, shape: Sequence[int], fan_in: int) -> jax.Array:
+        frozen, mask, _ = self._frozen_and_mask(name, shape, fan_in)
+        return frozen * mask
+
+    def _frozen_and_mask(self, name: str, shape: Sequence[int], fan_in: int):
+        """(frozen +-c entries, this call's mask, c) of one masked array."""
         scale = signed_constant_scale(fan_in, self.weight_init)
         frozen = self.variable(
             "frozen", name, lambda: _signed_constant(self.make_rng("frozen"), shape, scale)
@@ -77,7 +83,13 @@ class _MaskedLayer(nn.Module):
             raise ValueError(f"unknown mask_mode {self.mask_mode!r}; expected {masking.MASK_MODES}")
         # Recorded only when the caller makes "intermediates" mutable (parity checks, export).
         self.sow("intermediates", f"{name}_mask", mask)
-        return frozen * mask
+        return frozen, mask, scale
+
+
+def signed_mask(frozen: jax.Array, mask: jax.Array) -> jax.Array:
+    """sign(w) * m for frozen +-c weights: the masked weight w * m is c * signed_mask, and its
+    entries (-1, 0, 1 for a binary mask) are exact in bfloat16."""
+    return jnp.where(frozen < 0, -mask, mask)
 
 
 class MaskedDense(_MaskedLayer):
@@ -102,6 +114,12 @@ class MaskedConv(_MaskedLayer):
     def __call__(self, x: jax.Array) -> jax.Array:
         k, c_in = self.kernel_size, x.shape[-1]
         fan_in = k * k * c_in
+        if conv.conv_precision() == "bf16":
+            # c * (sign * mask): the bfloat16 operand is exact for a binary mask, c is applied
+            # to the float32 output (both weight inits are +-c, so w * m == c * sign * m).
+            frozen, mask, scale = self._frozen_and_mask("kernel", (k, k, c_in, self.features), fan_in)
+            bias = self._masked("bias", (self.features,), fan_in)
+            return conv2d_same(x, signed_mask(frozen, mask), bias, w_scale=np.float32(scale))
         kernel = self._masked("kernel", (k, k, c_in, self.features), fan_in)
         bias = self._masked("bias", (self.features,), fan_in)
         return conv2d_same(x, kernel, bias)

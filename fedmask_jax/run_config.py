@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from fedmask_jax import config as config_lib
-from fedmask_jax import engine, federation, models
+from fedmask_jax import conv, engine, federation, models
 from fedmask_jax.algorithms import registry
 from fedmask_jax.config import setting
 from fedmask_jax.data import DATASETS, SPLITS
@@ -85,6 +85,13 @@ class RunConfig:
     cpu_conv: str = setting("auto", "On CPU, the convolution kernels: onednn (oneDNN's, through "
                             "JAX's FFI; built by scripts/setup.sh) or xla (XLA's own); auto: onednn "
                             "when it is built.", choices=("auto", "onednn", "xla"))
+    conv_precision: str = setting("f32", "Convolution operands: f32 (the authors' code; TF32 on "
+                                  "GPUs) or bf16 (bfloat16 operands with float32 accumulation, "
+                                  "forward and both gradients; a masked conv's kernel goes in as "
+                                  "sign * mask, exact in bfloat16, its scale c applied to the float32 "
+                                  "output). Dense layers stay float32. On CPU, bf16 convolutions run "
+                                  "on XLA's kernels (the oneDNN ones are float32-only), slower "
+                                  "there: it is meant for GPUs.", choices=conv.PRECISIONS)
     num_devices: int = setting(0, "Devices on the 'clients' mesh axis (0 = all local devices).", min=0)
     tensorboard: bool = setting(True, "Write TensorBoard scalars to <workdir>/tensorboard.")
     checkpoint_every: int = setting(0, "Save a checkpoint every N rounds in <workdir>/checkpoints "
