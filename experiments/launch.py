@@ -4,6 +4,7 @@ batch (shared by the sweep and the comparison)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,7 +42,29 @@ def run_point(point: dict[str, str], workdir: str, passthrough: list[str]) -> in
     with open(os.path.join(workdir, LOG_NAME), "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        return call(cmd, log)
+
+
+def call(cmd: list[str], log) -> int:
+    """Runs ``cmd`` with its output in ``log``; returns its exit code. Interrupted (Ctrl-C, or
+    SIGTERM as ``cli.Terminated``), it hands the signal on and waits for the child to stop
+    on its own, with its rounds on disk, before the interruption goes on up;
+    ``subprocess.call`` would kill it at once instead."""
+    from experiments import cli
+
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt as e:
+        # The child may have had the signal already (a terminal signals the process group):
+        # experiments.run ignores a second one, so it is always safe to send.
+        proc.send_signal(signal.SIGTERM if isinstance(e, cli.Terminated) else signal.SIGINT)
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 DIVERGED = 4  # experiments.run's exit code for a run that stopped at a non-finite loss

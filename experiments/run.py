@@ -6,9 +6,10 @@ Writes <workdir>/metrics.jsonl (one line per evaluated round), summary.json, con
 plots and, for mask methods, the final model file. Every flag is a field of
 ``fedmask_jax.run_config.RunConfig`` or of a method's config (``--help`` lists them).
 
-Exit codes: 0 done; 2 bad input, missing data, a workdir in use or not resumable, a full disk
-(one ``error:`` line); 3 a check found the results wrong (RunFault); 4 the run diverged (its
-results are written); 130 interrupted (Ctrl-C).
+Exit codes: 0 done; 2 bad input (a flag absl cannot parse included), missing data, a workdir
+in use or not resumable, a full disk (one ``error:`` line); 3 a check found the results wrong
+(RunFault); 4 the run diverged (its results are written); 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM), each with one line and the rounds so far on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import cli
 from fedmask_jax import config as config_lib
 from fedmask_jax.algorithms.base import RunFault
 from fedmask_jax.data import DataError
@@ -70,6 +72,7 @@ def main(argv):
             sys.exit(2)
     from fedmask_jax.simulation import run
 
+    cli.stop_on_signals()
     try:
         summary = run(cfg)
     except (ValueError, DataError) as e:
@@ -78,10 +81,10 @@ def main(argv):
     except RunFault as e:
         print(f"error: {e}; the rounds before it are in {cfg.workdir}", file=sys.stderr)
         sys.exit(3)
-    except KeyboardInterrupt:
-        print(f"interrupted: the rounds so far are in {cfg.workdir}"
+    except KeyboardInterrupt as e:
+        print(f"{cli.what(e)}: the rounds so far are in {cfg.workdir}"
               + (" (continue with --resume)" if cfg.checkpoint_every else ""), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(cli.exit_code(e))
     except OSError as e:
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         print(f"error: {e.filename or cfg.workdir}: {e.strerror or e}"
@@ -92,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

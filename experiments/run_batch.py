@@ -11,7 +11,7 @@ experiments.run writes there (console lines go to its sweep_log.txt); a batch ke
 checkpoints in ``<batches_dir>/<batch id>`` and resumes from them.
 
 Exit codes: as experiments.run (0 done, 2 bad input, 3 a check failed, 4 some run diverged,
-130 interrupted), and 5: these points cannot share a program here (nothing was run).
+130 interrupted, 143 terminated), and 5: these points cannot share a program here (nothing was run).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import cli
 from experiments.launch import LOG_NAME, parse_point
 
 F = flags.FLAGS
@@ -92,6 +93,7 @@ def main(argv):
         print("these points run one at a time here (--strategy resolves to host_loop)", file=sys.stderr)
         sys.exit(CANNOT_SHARE)
     diverged = False
+    cli.stop_on_signals()
     for members in batches(cfgs, max_runs):
         group = [cfgs[i] for i in members]
         names = [spec["points"][i]["name"] for i in members]
@@ -106,9 +108,9 @@ def main(argv):
         except RunFault as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(3)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            print(f"{cli.what(e)}: the rounds so far are in each point's workdir", file=sys.stderr)
+            sys.exit(cli.exit_code(e))
         for name, s in zip(names, summaries):
             diverged |= s["diverged_at_round"] is not None
             print(f"  {name}: final accuracy {s.get('final_test_accuracy', float('nan')):.4f}", flush=True)
@@ -118,4 +120,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("batch_file")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

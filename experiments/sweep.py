@@ -13,6 +13,10 @@ skips finished points and continues interrupted ones (a batch from its own check
 --sweep_dir/.batches); a failed point is recorded and the others go on. At the end the sweep writes sweep.csv, sweep.md and overlay
 plots. --shard=i/n runs only every n-th point starting at i (to spread points over hosts or
 accelerators); --report_only rebuilds the table from whatever has finished.
+
+One sweep at a time per --sweep_dir (a lock, as a run's on its workdir; --report_only takes
+none). Ctrl-C or SIGTERM stops the point running (with its rounds on disk) and then the
+sweep, with one line and exit code 130 or 143; the same command continues it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import cli
 from experiments import run as run_flags  # noqa: F401 -- defines the flags a point may set
-from experiments.launch import LOG_NAME, outcome, parse_point, point_argv, run_point
+from experiments.launch import LOG_NAME, call, outcome, parse_point, point_argv, run_point
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Grid: 'flag=v1,v2;other=a,b' (the cross product is run).")
@@ -62,8 +67,24 @@ def parse_grid(spec: str) -> list[tuple[str, list[str]]]:
         name = name.strip().lstrip("-")
         if name not in F or name == "workdir":
             raise ValueError(f"--sweep: {name!r} is not a flag of experiments.run")
-        grid.append((name, [v.strip() for v in values.split(",") if v.strip()]))
+        choices = [v.strip() for v in values.split(",") if v.strip()]
+        if not choices:  # the cross product would be empty: a sweep that runs nothing
+            raise ValueError(f"--sweep: {part!r} gives {name} no values; write {name}=v1,v2")
+        grid.append((name, choices))
+    if not grid:
+        raise ValueError(f"--sweep={spec!r} names no flag; write 'flag=v1,v2;other=a,b'")
     return grid
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard=i/n`` as (i, n), 0 <= i < n."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ValueError(f"--shard={text} must be i/n with 0 <= i < n, e.g. --shard=0/2 and --shard=1/2")
+    return index, count
 
 
 def points(grid) -> list[dict[str, str]]:
@@ -126,8 +147,6 @@ def groups(pending: list[tuple[dict, str]], passthrough: list[str]) -> list[list
 
 def run_group(group: list[tuple[dict, str]], passthrough: list[str]) -> tuple[int, str]:
     """Runs ``group`` with experiments.run_batch; returns its exit code and log path."""
-    import subprocess
-
     from experiments.run_batch import batch_id
     from fedmask_jax.outputs import write_json_atomic
 
@@ -146,7 +165,7 @@ def run_group(group: list[tuple[dict, str]], passthrough: list[str]) -> tuple[in
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT), log_path
+        return call(cmd, log), log_path
 
 
 def _finished(workdir: str) -> str | None:
@@ -160,15 +179,42 @@ def _finished(workdir: str) -> str | None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    from fedmask_jax.outputs import WorkdirLock, ensure_writable_dir
+
     try:
         grid = parse_grid(F.sweep)
-        index, count = (int(x) for x in F.shard.split("/"))
-        if not 0 <= index < count:
-            raise ValueError
+        index, count = parse_shard(F.shard)
+        ensure_writable_dir(F.sweep_dir, "--sweep_dir")
     except ValueError as e:
-        print(f"error: {e or '--shard must be i/n with 0 <= i < n'}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    os.makedirs(F.sweep_dir, exist_ok=True)
+
+    try:  # two sweeps on one folder would take over each other's points
+        lock = None if F.report_only else WorkdirLock(F.sweep_dir, flag="--sweep_dir", holder="sweep").__enter__()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cli.stop_on_signals()
+    try:
+        sweep(grid, index, count)
+    except KeyboardInterrupt as e:
+        print(f"{cli.what(e)}: the finished points are in {F.sweep_dir}; run the same command "
+              "again to continue", file=sys.stderr)
+        sys.exit(cli.exit_code(e))
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _stopped(rc: int) -> None:
+    """A point that was interrupted or terminated stops the sweep, as if it had been."""
+    if rc == cli.INTERRUPTED:
+        raise KeyboardInterrupt()
+    if rc == cli.TERMINATED:
+        raise cli.Terminated()
+
+
+def sweep(grid, index: int, count: int) -> None:
     passthrough = [a for a in sys.argv[1:] if not a.startswith(_OWN)]
     status, pending = {}, []
     for i, point in enumerate(points(grid)):
@@ -197,11 +243,11 @@ def main(argv):
             else:
                 status[workdir] = outcome(rc, log_path)
                 print(f"sweep: {point_name(point)} {status[workdir]}", flush=True)
-        if rc == 130:
-            sys.exit(130)
+        _stopped(rc)
     for point, workdir in alone:
         print(f"sweep: running {point_name(point)} ...", flush=True)
         rc = run_point(point, workdir, passthrough)
+        _stopped(rc)
         status[workdir] = outcome(rc, LOG_NAME)
         print(f"sweep: {point_name(point)} {status[workdir]}", flush=True)
     rows = report(grid, F.sweep_dir, status)
@@ -211,4 +257,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -149,8 +149,12 @@ def _architecture_entries(arch: dict, input_shape) -> int:
 
 
 def load_model(path: str) -> LoadedModel:
-    with open(path, "rb") as f:
-        blob = f.read()
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:  # a folder, a missing file: named like every other bad model file
+        raise ModelFileError(f"{path}: {e.strerror or e}; give the path of a model file "
+                             "(<workdir>/model.fmjx)") from None
     fixed = len(MAGIC) + 6
     if len(blob) < fixed + 4:
         _fail(path, f"only {len(blob)} bytes (truncated)")

@@ -70,8 +70,9 @@ class WorkdirLock:
 
     NAME = ".lock"
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, flag: str = "--workdir", holder: str = "run"):
         self.workdir, self.path = workdir, os.path.join(workdir, self.NAME)
+        self.flag, self.holder = flag, holder  # what the folder is to the user, and who holds it
         self._fd: int | None = None
 
     def __enter__(self) -> "WorkdirLock":
@@ -82,8 +83,8 @@ class WorkdirLock:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ValueError(f"--workdir={self.workdir} is in use by another run ({holder}); "
-                                 "wait for it to finish or choose another --workdir") from None
+                raise ValueError(f"{self.flag}={self.workdir} is in use by another {self.holder} ({holder}); "
+                                 f"wait for it to finish or choose another {self.flag}") from None
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())

@@ -226,3 +226,257 @@ def test_a_full_disk_is_one_error_line(monkeypatch, capsys, tmp_path):
     assert e.value.code == 2
     assert capsys.readouterr().err == (f"error: {tmp_path / 'summary.json'}: No space left on device; "
                                        "free some space or choose another --workdir\n")
+
+
+# --- Issue 23: results on disk that agree with the run, settings in the checkpoint, one line
+# per failure.
+
+
+@pytest.fixture(scope="module")
+def clean_three(tmp_path_factory):
+    """A finished 3-round run checkpointed every round, and its rows."""
+    workdir = str(tmp_path_factory.mktemp("three"))
+    run(dataclasses.replace(TINY, workdir=workdir, rounds=3))
+    return workdir, _records(workdir)
+
+
+def _copy_of(tmp_path, workdir):
+    copy = str(tmp_path / "w")
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, note", [
+    ("keep the first row", "round 2 missing"),
+    ("garbage line 2", "round 2 missing; 1 unreadable line dropped"),
+])
+def test_resume_puts_back_the_rows_metrics_jsonl_lost_from_the_checkpoints_history(
+        tmp_path, capsys, clean_three, damage, note):
+    workdir = _copy_of(tmp_path, clean_three[0])
+    path = os.path.join(workdir, "metrics.jsonl")
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join(lines[:1] if damage == "keep the first row"
+                                    else [lines[0], "{garbage", lines[2]]) + "\n")
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))  # resume from round 2
+    run(dataclasses.replace(TINY, workdir=workdir, rounds=3, resume=True, verbose=True))
+    out = capsys.readouterr().out
+    assert f"resume: rewrote metrics.jsonl from the checkpoint's history: {note}\n" in out
+    assert _records(workdir) == clean_three[1]  # rounds 1, 2, 3 once each, as uninterrupted
+    run(dataclasses.replace(TINY, workdir=workdir, rounds=3, resume=True, verbose=True))
+    assert "rewrote metrics.jsonl" not in capsys.readouterr().out  # nothing to repair now
+
+
+@pytest.mark.slow
+def test_a_deleted_config_json_does_not_turn_off_the_changed_settings_check(tmp_path, clean_three, monkeypatch):
+    from fedmask_jax import experiment
+
+    workdir = _copy_of(tmp_path, clean_three[0])
+    os.remove(os.path.join(workdir, "config.json"))
+    with open(os.path.join(workdir, "checkpoints", "3", "settings.json")) as f:
+        assert json.load(f)["runs"][0]["method"]["client_lr"] == 0.1  # the checkpoint's own record
+    monkeypatch.setattr(experiment, "build", lambda *a, **k: pytest.fail("built"))
+    changed = dataclasses.replace(TINY, workdir=workdir, rounds=4, resume=True, method={
+        **TINY.method, "client_lr": 0.05})
+    with pytest.raises(ValueError, match=r"--resume: .* --client_lr was 0\.1, now 0\.05"):
+        run(changed)
+    # A config.json rewritten to agree with the new flags does not fool it either.
+    open(os.path.join(workdir, "config.json"), "w").write(json.dumps({"config": changed.record()}))
+    with pytest.raises(ValueError, match=r"--client_lr was 0\.1, now 0\.05"):
+        run(changed)
+    assert json.load(open(os.path.join(workdir, "config.json")))["config"]["method"]["client_lr"] == 0.05  # as left
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_its_settings_and_no_config_json_is_not_resumed_blind(tmp_path, clean_three):
+    workdir = _copy_of(tmp_path, clean_three[0])
+    os.remove(os.path.join(workdir, "config.json"))
+    for step in (2, 3):  # as a checkpoint made before checkpoints carried their settings
+        folder = os.path.join(workdir, "checkpoints", str(step))
+        os.remove(os.path.join(folder, "settings.json"))
+        record = json.load(open(os.path.join(folder, "integrity.json")))
+        del record["sha256"]["settings.json"]
+        open(os.path.join(folder, "integrity.json"), "w").write(json.dumps(record))
+    with pytest.raises(ValueError, match=r"checkpoint 3 in .* does not record the settings it was made "
+                                         r"with, and .*config.json is missing; pass --allow_config_change"):
+        run(dataclasses.replace(TINY, workdir=workdir, rounds=3, resume=True))
+
+
+def test_more_clients_than_examples_is_refused_from_the_counts_before_a_partition(tmp_path, no_compiling,
+                                                                                monkeypatch):
+    from fedmask_jax import experiment
+
+    monkeypatch.setattr(experiment, "partition", lambda *a, **k: pytest.fail("partitioned"))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"^--num_clients=100000000 is more than the \d+ training examples of "
+                                         r"--dataset=digits, and every client needs at least one; choose at most"):
+        run(dataclasses.replace(TINY, workdir=str(tmp_path), num_clients=100_000_000,
+                                clients_per_round=1_000_000))
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_run_whose_arrays_cannot_fit_is_refused_before_they_are_allocated(tmp_path, no_compiling, monkeypatch):
+    from fedmask_jax import engine, experiment
+
+    for name in ("init_store", "client_data_from_partition"):
+        monkeypatch.setattr(engine, name, lambda *a, **k: pytest.fail("allocated"))
+    monkeypatch.setattr(engine, "device_memory_bytes", lambda backend=None: 2**20)
+    cfg = dataclasses.replace(TINY, workdir=str(tmp_path), num_clients=1000, clients_per_round=10, batch_size=1)
+    # Adam's two moments of every entry, for each of the 1000 clients.
+    per_client = 2 * 4 * 1210
+    with pytest.raises(ValueError, match=(
+            r"^--num_clients=1000 --clients_per_round=10 needs about \d+\.\d MiB of memory \(persistent client "
+            r"states 9\.\d MiB, .*\) and this machine has 1\.0 MiB; lower "
+            r"--num_clients \(each client keeps 9\.\d KiB across rounds\)")):
+        experiment.build(cfg)
+    needed = engine.memory_needed(_tiny_algorithm(), engine.EngineConfig(client_chunk_size=2, collect=3),
+                                  num_clients=1000, index_width=7)
+    assert needed["client index"] == 1000 * 7 * 4
+    assert needed["persistent client states"] >= 1000 * per_client
+    assert needed["collected messages"] == 3 * 4 * -(-1210 // 32)  # bit-packed masks
+
+
+def _tiny_algorithm():
+    from fedmask_jax import models
+    from fedmask_jax.algorithms import registry
+
+    arch = models.Architecture("mlp", 10, (8, 8, 1), mlp_hidden=(16,))
+    return registry.spec("fedpm").build(arch, registry.method_config("fedpm", persistent_client_optimizer=True))
+
+
+def test_load_model_names_a_folder_or_a_missing_path(tmp_path):
+    from fedmask_jax import export
+
+    for path in (str(tmp_path), str(tmp_path / "nope.fmjx")):
+        with pytest.raises(export.ModelFileError, match=rf"^{path}: (Is a directory|No such file or directory); "
+                                                        "give the path of a model file"):
+            export.load_model(path)
+
+
+@pytest.mark.parametrize("flag, allowed", [("--dataset=bogus", "mnist"), ("--straggler_policy=bogus", "drop")])
+def test_a_choice_flag_out_of_its_choices_is_one_error_line_and_exit_2(capsys, flag, allowed):
+    from absl import flags
+
+    from experiments import cli, run as run_cli  # noqa: F401 -- defines the flags
+
+    flags.FLAGS.unparse_flags()
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.parse_flags(["prog", flag])
+    finally:
+        flags.FLAGS.unparse_flags()
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith(f"error: flag {flag}: value should be one of <") and allowed in err
+    assert err.count("\n") == 1
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_oserror_naming_the_folder(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from fedmask_jax.checkpoints import Checkpointer
+
+    def full(self, *a, **k):  # what tensorstore raises, word for word but the paths
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "server.alpha/0.0" in OCDBT database: Failed to write '
+                         "838818 bytes to file 6: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    server, store = _tiny_state()
+    with pytest.raises(OSError) as e:
+        Checkpointer(str(tmp_path)).save(1, server, store, [])
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "checkpoints")
+
+
+def _tiny_state():
+    import jax
+
+    alg = _tiny_algorithm()
+    from fedmask_jax import engine
+
+    return alg.server_init(jax.random.key(0)), engine.init_store(alg, 2)
+
+
+def _tmpfs(path, size):
+    """A small filesystem of its own at ``path`` (root only), or None."""
+    os.makedirs(path, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return None
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                        capture_output=True).returncode == 0
+    return path if ok else None
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_is_one_error_line(tmp_path):
+    disk = _tmpfs(tmp_path / "disk", "2M")
+    if disk is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        proc = _cli(*FLAGS, "--mlp_hidden=300,100", "--rounds=6", "--checkpoint_every=1",
+                    "--persistent_client_optimizer", f"--workdir={disk / 'w'}")
+        _, err = proc.communicate(timeout=600)
+    finally:
+        subprocess.run(["umount", str(disk)])
+    import re
+
+    assert proc.returncode == 2
+    assert len(err.splitlines()) == 1 and re.fullmatch(
+        rf"error: {re.escape(str(disk / 'w' / 'checkpoints'))}: No space left on device while writing checkpoint "
+        r"\d+; free some space or choose another --workdir\n", err), err
+
+
+def _wait_for(path, proc, seconds=300):
+    deadline = time.time() + seconds
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_run_with_one_line_exit_143_and_its_rounds_on_disk(tmp_path):
+    workdir = tmp_path / "w"
+    proc = _cli(*FLAGS, "--rounds=100000", "--checkpoint_every=1", f"--workdir={workdir}")
+    _wait_for(workdir / "checkpoints" / "2" / "integrity.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert err.splitlines() == [f"terminated (SIGTERM): the rounds so far are in {workdir} (continue with --resume)"]
+    rows = _records(str(workdir))
+    assert [r["round"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 2
+
+
+@pytest.mark.slow
+def test_the_cli_turns_absl_flag_errors_into_one_error_line(tmp_path):
+    proc = _cli("--dataset=bogus", f"--workdir={tmp_path}")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.startswith("error: flag --dataset=bogus: value should be one of <")
+    assert err.count("\n") == 1 and "FATAL" not in err
+
+
+def test_a_signal_during_a_checkpoint_save_is_delivered_once_the_checkpoint_is_whole(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from fedmask_jax.checkpoints import Checkpointer
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop()
+
+    save = ocp.CheckpointManager.save
+
+    def signalled_save(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, mid-save
+        return save(self, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", signalled_save)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        checkpointer = Checkpointer(str(tmp_path), settings=[TINY.record()])
+        with pytest.raises(Stop):
+            checkpointer.save(1, *_tiny_state(), [])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert checkpointer.steps() == [1] and checkpointer.problem(1) is None
+    assert checkpointer.recorded_settings(1) == [json.loads(json.dumps(TINY.record()))]

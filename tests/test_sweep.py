@@ -83,3 +83,72 @@ def test_points_sharing_a_shape_run_as_one_program_with_the_outputs_of_one_proce
     assert sorted(in_program) == [1, 3, 3, 3]
     with open(tmp_path / "v" / "sweep" / "sweep.csv") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["done"] * 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep=client_lr="], "error: --sweep: 'client_lr=' gives client_lr no values; write client_lr=v1,v2\n"),
+    (["--sweep=;"], "error: --sweep=';' names no flag; write 'flag=v1,v2;other=a,b'\n"),
+    (["--sweep=seed=0,1", "--shard=2/2"],
+     "error: --shard=2/2 must be i/n with 0 <= i < n, e.g. --shard=0/2 and --shard=1/2\n"),
+    (["--sweep=seed=0,1", "--shard=half"],
+     "error: --shard=half must be i/n with 0 <= i < n, e.g. --shard=0/2 and --shard=1/2\n"),
+])
+def test_a_sweep_that_would_run_nothing_or_an_unusable_shard_is_one_error_line(tmp_path, args, message):
+    proc = _sweep(tmp_path, *args)
+    assert proc.returncode == 2 and proc.stderr == message
+    assert not (tmp_path / "sweep" / "sweep.csv").exists()  # no empty table passed off as a result
+
+
+def test_a_second_sweep_on_one_sweep_dir_stops_at_once(tmp_path):
+    import socket
+
+    from fedmask_jax.outputs import WorkdirLock
+
+    (tmp_path / "sweep").mkdir(parents=True)
+    with WorkdirLock(str(tmp_path / "sweep"), flag="--sweep_dir", holder="sweep"):  # the first sweep
+        proc = _sweep(tmp_path, "--sweep=seed=0,1")
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: --sweep_dir={tmp_path / 'sweep'} is in use by another sweep (pid {os.getpid()} on "
+                           f"{socket.gethostname()}); wait for it to finish or choose another --sweep_dir\n")
+    assert not (tmp_path / "sweep" / "seed=0").exists()
+
+
+def _start_sweep(tmp_path, *extra):
+    import signal
+
+    flagfile = tmp_path / "long.flags"
+    flagfile.write_text("\n".join([
+        "--dataset=digits", "--model=mlp", "--mlp_hidden=16", "--num_clients=4", "--clients_per_round=2",
+        "--rounds=100000", "--eval_every=1000", "--local_epochs=1", "--batch_size=32", "--checkpoint_every=1"]))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.sweep", f"--flagfile={flagfile}", f"--sweep_dir={tmp_path / 'sweep'}",
+         "--sweep=seed=0,1", "--novectorize", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own process group, as a terminal's job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_sweep_stops_its_point_cleanly_with_one_line(tmp_path, how):
+    import signal
+    import time
+
+    proc = _start_sweep(tmp_path)
+    point = tmp_path / "sweep" / "seed=0"
+    deadline = time.time() + 300
+    while not (point / "checkpoints" / "1" / "integrity.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    if how == "ctrl-c":  # a terminal signals the whole foreground process group
+        os.killpg(proc.pid, signal.SIGINT)
+    else:  # a scheduler's SIGTERM may reach the sweep alone: it hands it on
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    code, what = (130, "interrupted") if how == "ctrl-c" else (143, "terminated (SIGTERM)")
+    assert proc.returncode == code
+    assert err == (f"{what}: the finished points are in {tmp_path / 'sweep'}; run the same command again "
+                   "to continue\n")
+    log = (point / "sweep_log.txt").read_text()
+    assert f"{what}: the rounds so far are in {point} (continue with --resume)" in log  # it stopped itself
+    assert "Traceback" not in log
+    assert not (tmp_path / "sweep" / "seed=1").exists()  # the sweep went no further
