@@ -67,6 +67,22 @@ def call(cmd: list[str], log) -> int:
         raise
 
 
+def sweep_locks(sweep_dir: str, index: int, count: int) -> list:
+    """The locks a sweep holds on its folder while it runs ``--shard=index/count``.
+
+    Two sweeps on one folder would take over each other's points. The shards of one sweep
+    (on several hosts) share the folder: each holds it shared and its own shard exclusively;
+    an unsharded sweep holds it alone.
+    """
+    from fedmask_jax.outputs import WorkdirLock
+
+    locks = [WorkdirLock(sweep_dir, "--sweep_dir", "sweep", shared=count > 1)]
+    if count > 1:
+        locks.append(WorkdirLock(sweep_dir, "--sweep_dir", f"sweep of --shard={index}/{count}",
+                                 name=f".lock-shard-{index}-of-{count}"))
+    return locks
+
+
 DIVERGED = 4  # experiments.run's exit code for a run that stopped at a non-finite loss
 
 

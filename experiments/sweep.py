@@ -14,8 +14,8 @@ skips finished points and continues interrupted ones (a batch from its own check
 plots. --shard=i/n runs only every n-th point starting at i (to spread points over hosts or
 accelerators); --report_only rebuilds the table from whatever has finished.
 
-One sweep at a time per --sweep_dir (a lock, as a run's on its workdir; --report_only takes
-none). Ctrl-C or SIGTERM stops the point running (with its rounds on disk) and then the
+One sweep at a time per --sweep_dir (a lock, as a run's on its workdir; the shards of one
+sweep share it, one process per shard; --report_only takes none). Ctrl-C or SIGTERM stops the point running (with its rounds on disk) and then the
 sweep, with one line and exit code 130 or 143; the same command continues it.
 """
 
@@ -26,6 +26,7 @@ if __name__ == "__main__":  # first, before the heavy imports: it may re-execute
 
     huge_pages.ensure()
 
+import contextlib
 import csv
 import itertools
 import json
@@ -36,7 +37,7 @@ from absl import app, flags, logging
 
 from experiments import cli
 from experiments import run as run_flags  # noqa: F401 -- defines the flags a point may set
-from experiments.launch import LOG_NAME, call, outcome, parse_point, point_argv, run_point
+from experiments.launch import LOG_NAME, call, outcome, parse_point, point_argv, run_point, sweep_locks
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Grid: 'flag=v1,v2;other=a,b' (the cross product is run).")
@@ -179,7 +180,7 @@ def _finished(workdir: str) -> str | None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    from fedmask_jax.outputs import WorkdirLock, ensure_writable_dir
+    from fedmask_jax.outputs import ensure_writable_dir
 
     try:
         grid = parse_grid(F.sweep)
@@ -189,21 +190,21 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    try:  # two sweeps on one folder would take over each other's points
-        lock = None if F.report_only else WorkdirLock(F.sweep_dir, flag="--sweep_dir", holder="sweep").__enter__()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    cli.stop_on_signals()
-    try:
-        sweep(grid, index, count)
-    except KeyboardInterrupt as e:
-        print(f"{cli.what(e)}: the finished points are in {F.sweep_dir}; run the same command "
-              "again to continue", file=sys.stderr)
-        sys.exit(cli.exit_code(e))
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
+    locks = [] if F.report_only else sweep_locks(F.sweep_dir, index, count)
+    with contextlib.ExitStack() as held:
+        try:
+            for lock in locks:
+                held.enter_context(lock)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        cli.stop_on_signals()
+        try:
+            sweep(grid, index, count)
+        except KeyboardInterrupt as e:
+            print(f"{cli.what(e)}: the finished points are in {F.sweep_dir}; run the same command "
+                  "again to continue", file=sys.stderr)
+            sys.exit(cli.exit_code(e))
 
 
 def _stopped(rc: int) -> None:

@@ -66,19 +66,23 @@ class WorkdirLock:
 
     The kernel releases it when the process ends, however it ends, so a lock left by a
     crashed run is no lock at all; the file only says which process took it last.
+    ``flag``/``holder`` say what the folder is to the user and who holds it; ``shared``
+    locks exclude an exclusive one but not each other (the shards of one sweep); ``name``:
+    another lock file in the folder.
     """
 
     NAME = ".lock"
 
-    def __init__(self, workdir: str, flag: str = "--workdir", holder: str = "run"):
-        self.workdir, self.path = workdir, os.path.join(workdir, self.NAME)
-        self.flag, self.holder = flag, holder  # what the folder is to the user, and who holds it
+    def __init__(self, workdir: str, flag: str = "--workdir", holder: str = "run", *,
+                 shared: bool = False, name: str = NAME):
+        self.workdir, self.path = workdir, os.path.join(workdir, name)
+        self.flag, self.holder, self.shared = flag, holder, shared
         self._fd: int | None = None
 
     def __enter__(self) -> "WorkdirLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)

@@ -152,3 +152,26 @@ def test_an_interrupted_sweep_stops_its_point_cleanly_with_one_line(tmp_path, ho
     assert f"{what}: the rounds so far are in {point} (continue with --resume)" in log  # it stopped itself
     assert "Traceback" not in log
     assert not (tmp_path / "sweep" / "seed=1").exists()  # the sweep went no further
+
+
+@pytest.mark.parametrize("taken, refused", [
+    ((0, 2), [(0, 2, "sweep of --shard=0/2"), (0, 1, "sweep")]),  # the same shard again; the whole grid
+    ((0, 1), [(1, 2, "sweep"), (0, 1, "sweep")]),
+])
+def test_the_shards_of_one_sweep_share_its_folder_but_each_point_runs_once(tmp_path, taken, refused):
+    import re
+
+    from experiments.launch import sweep_locks
+
+    held = [lock.__enter__() for lock in sweep_locks(str(tmp_path), *taken)]
+    if taken[1] > 1:  # another shard of the same sweep goes side by side
+        held += [lock.__enter__() for lock in sweep_locks(str(tmp_path), 1, 2)]
+    for i, n, who in refused:
+        attempt = sweep_locks(str(tmp_path), i, n)
+        with pytest.raises(ValueError, match=rf"--sweep_dir={re.escape(str(tmp_path))} is in use by another {who} "):
+            for lock in attempt:
+                lock.__enter__()
+        for lock in attempt:
+            lock.__exit__()
+    for lock in held:
+        lock.__exit__()
