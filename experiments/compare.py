@@ -271,14 +271,14 @@ def main(argv):
     rows = report(F.methods, F.compare_dir, status, F.target_accuracy)
     first_rows = list(rows)
     # (2) the second setting
-    second_rows = []
+    second_rows, second_status = [], {}  # its own: an entry's name is the same in both settings
     folder = os.path.join(F.compare_dir, F.second_name)
     if second and F.second_methods:
         os.makedirs(folder, exist_ok=True)
         if runs("second"):
             for entry in F.second_methods:
-                _run(entry, algorithms[entry], folder, passthrough(entry, second), status)
-        second_rows = report(F.second_methods, folder, status, F.target_accuracy)
+                _run(entry, algorithms[entry], folder, passthrough(entry, second), second_status)
+        second_rows = report(F.second_methods, folder, second_status, F.target_accuracy)
     # (3) the other seeds; topN_baselines is chosen from the finished first part only
     seed_rows = []
     if seeds and F.seeds_for:

@@ -204,11 +204,12 @@ def _fake_compare(monkeypatch, tmp_path, *args):
     from experiments import compare
 
     accuracy = {"fedpm": 0.7, "fedavg": 0.9, "signsgd": 0.8}
-    started = []
+    started, tables = [], {}
 
     def run(name, algorithm, folder, passthrough, status, seed=None):
         started.append(os.path.relpath(os.path.join(folder, name), tmp_path))
         os.makedirs(os.path.join(folder, name))  # finished (and never started twice)
+        status[name] = "done"
 
     def report(methods, compare_dir, status, target, repeats=None):
         names = methods + [r for m in methods for r in (repeats or {}).get(m, [])]
@@ -221,6 +222,7 @@ def _fake_compare(monkeypatch, tmp_path, *args):
                 rows.append({"method": name, "status": status.get(name, "not run")})
         with open(os.path.join(compare_dir, "compare.md"), "w") as f:
             f.write("table\n")
+        tables[os.path.relpath(compare_dir, tmp_path)] = {r["method"]: r["status"] for r in rows}
         return rows
 
     monkeypatch.setattr(compare, "_run", run)
@@ -236,23 +238,25 @@ def _fake_compare(monkeypatch, tmp_path, *args):
         code = e.code
     finally:
         flags.FLAGS.unparse_flags()
-    return started, code
+    return started, code, tables
 
 
 def test_parts_run_in_order_first_second_seeds_and_one_at_a_time(tmp_path, monkeypatch):
     first = ["fedpm", "fedavg", "signsgd"]
     second = ["noniid/fedpm", "noniid/fedavg"]
     seeds = ["fedpm@seed1", "fedavg@seed1"]  # fedavg: the strongest baseline
-    started, code = _fake_compare(monkeypatch, tmp_path / "all")
+    started, code, _ = _fake_compare(monkeypatch, tmp_path / "all")
     assert (started, code) == ([*first, *second, *seeds], 0)
     # the parts one at a time, as scripts/conv4_comparison.sh runs them: each succeeds alone
     for part, expected in (("first", first), ("second", second), ("seeds", seeds)):
-        started, code = _fake_compare(monkeypatch, tmp_path / "parts", f"--parts={part}")
+        started, code, tables = _fake_compare(monkeypatch, tmp_path / "parts", f"--parts={part}")
         assert (started, code) == (expected, 0), part
+        if part == "first":  # the second setting's same-named entries have not run
+            assert tables["noniid"] == {"fedpm": "not run", "fedavg": "not run"}
     # seeds before the first part: the strongest baselines are not known yet, so they wait
-    started, code = _fake_compare(monkeypatch, tmp_path / "early", "--parts=seeds")
+    started, code, _ = _fake_compare(monkeypatch, tmp_path / "early", "--parts=seeds")
     assert (started, code) == (["fedpm@seed1"], 1)
-    started, code = _fake_compare(monkeypatch, tmp_path / "none", "--report_only")
+    started, code, _ = _fake_compare(monkeypatch, tmp_path / "none", "--report_only")
     assert (started, code) == ([], 1)
-    started, code = _fake_compare(monkeypatch, tmp_path / "bad", "--parts=first,third")
+    started, code, _ = _fake_compare(monkeypatch, tmp_path / "bad", "--parts=first,third")
     assert code == 2
