@@ -46,20 +46,33 @@ note() { echo "$(date -Is) $*" | tee -a "$TIMES"; }
 
 # step NAME CMD...: runs CMD, logging its exit status, wall time and CPU time (its processes',
 # user + system, children included); returns CMD's exit status.
+CURRENT=none
+T0=$(date +%s)
 step() {
   local name=$1; shift
   local tf t0 rc
   tf=$(mktemp)
   note "start $name: $*"
   t0=$(date +%s)
+  CURRENT=$name T0=$t0
   TIMEFORMAT='%R %U %S'
   { time "$@" 2>&3; } 3>&2 2>"$tf"
   rc=$?
   read -r real user sys < <(tail -n 1 "$tf")
   rm -f "$tf"
   note "end $name rc=$rc wall_s=$(( $(date +%s) - t0 )) cpu_user_s=$user cpu_sys_s=$sys"
+  CURRENT=none
   return $rc
 }
+# A stopped session (SIGTERM, SIGINT, SIGHUP) logs how long the step it interrupted had run;
+# the finished runs' own times stay in their summary.json (total_time_s).
+interrupted() {
+  note "interrupted by SIG$1 during $CURRENT after wall_s=$(( $(date +%s) - T0 ))"
+  exit 143
+}
+trap 'interrupted TERM' TERM
+trap 'interrupted INT' INT
+trap 'interrupted HUP' HUP
 
 main() {
   note "session: pid $$ pgid $(ps -o pgid= $$ | tr -d ' ') nice $(ps -o ni= $$ | tr -d ' ')" \
