@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 
 import jax
@@ -39,6 +40,93 @@ def _out_of_space(e: BaseException) -> bool:
     text = str(e)
     return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text \
         or "os_error_code='28'" in text
+
+
+class _ClosedLoopTracebacksDropped:
+    """sys.stderr without the tracebacks of ``RuntimeError: Event loop is closed``.
+
+    When one write of a save fails (a full disk), orbax closes the save's event loop while
+    tensorstore's other writes are still in flight; each of them, finishing, tries to wake the
+    closed loop and tensorstore prints that traceback, from its own threads, before and after
+    the save's exception has reached the run, which says what happened in one line. Any other
+    text, tracebacks included, goes through unchanged."""
+
+    _HEADER = "Traceback (most recent call last):"
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._held = ""  # a traceback being written, until its last line says which
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._held += text
+            out = []
+            while self._held:
+                at = self._held.find(self._HEADER)
+                if at < 0:  # all goes through but what may be the beginning of a header
+                    keep = next((k for k in range(min(len(self._HEADER) - 1, len(self._held)), 0, -1)
+                                 if self._held.endswith(self._HEADER[:k])), 0)
+                    out.append(self._held[:len(self._held) - keep])
+                    self._held = self._held[len(self._held) - keep:]
+                    break
+                out.append(self._held[:at])
+                self._held = self._held[at:]
+                end = self._end_of_traceback()
+                if end is None:
+                    break
+                block, self._held = self._held[:end], self._held[end:]
+                if block.rstrip("\n").rsplit("\n", 1)[-1] != "RuntimeError: Event loop is closed":
+                    out.append(block)
+            if any(out):
+                self.stream.write("".join(out))
+        return len(text)
+
+    def release(self):
+        """What is held goes through; the stream it wraps is stderr again."""
+        with self._lock:
+            if self._held:
+                self.stream.write(self._held)
+                self._held = ""
+        return self.stream
+
+    def _end_of_traceback(self) -> int | None:
+        """Where the held traceback's exception line ends, or None if it is not all here."""
+        at = len(self._HEADER) + 1
+        while True:
+            nl = self._held.find("\n", at)
+            if nl < 0:
+                return None
+            line = self._held[at:nl]
+            if line and not line[0].isspace():
+                return nl + 1
+            at = nl + 1
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _closed_loop_tracebacks_dropped():
+    """For a save; on a full disk it stays for the rest of the process (the run is ending and
+    tensorstore's last writes may finish after the run has said why), unless stderr is not
+    the process's own (a test capturing it)."""
+    stream = sys.stderr
+    sys.stderr = filtered = _ClosedLoopTracebacksDropped(stream)
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC or stream is not sys.__stderr__:
+            sys.stderr = filtered.release()
+        raise
+    except BaseException:
+        sys.stderr = filtered.release()
+        raise
+    else:
+        sys.stderr = filtered.release()
 
 
 @contextlib.contextmanager
@@ -126,7 +214,7 @@ class Checkpointer:
     def save(self, rounds_done: int, server, store, histories: list[History]) -> None:
         """The state after ``rounds_done`` rounds; ``histories``: each run's (one, or a
         batch's), the server and store with the batch's leading runs axis."""
-        with _signals_held():
+        with _signals_held(), _closed_loop_tracebacks_dropped():
             self._save(rounds_done, server, store, histories)
 
     def _save(self, rounds_done: int, server, store, histories: list[History]) -> None:

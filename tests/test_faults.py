@@ -480,3 +480,32 @@ def test_a_signal_during_a_checkpoint_save_is_delivered_once_the_checkpoint_is_w
         signal.signal(signal.SIGTERM, previous)
     assert checkpointer.steps() == [1] and checkpointer.problem(1) is None
     assert checkpointer.recorded_settings(1) == [json.loads(json.dumps(TINY.record()))]
+
+
+def test_stderr_during_a_save_loses_only_the_closed_loop_tracebacks_however_they_are_split():
+    import io
+    import traceback
+
+    from fedmask_jax.checkpoints import _ClosedLoopTracebacksDropped
+
+    def tb(exc):
+        try:
+            raise exc
+        except Exception:
+            return traceback.format_exc()
+
+    closed, other = tb(RuntimeError("Event loop is closed")), tb(KeyError("kept"))
+    text = "progress 1/3\r" + closed + "a line\n" + other + closed + closed + "partial"
+    for pieces in ([text], list(text), [text[i:i + 7] for i in range(0, len(text), 7)]):
+        sink = io.StringIO()
+        stream = _ClosedLoopTracebacksDropped(sink)
+        for piece in pieces:
+            stream.write(piece)
+        assert stream.release() is sink
+        assert sink.getvalue() == "progress 1/3\r" + "a line\n" + other + "partial"
+    sink = io.StringIO()
+    stream = _ClosedLoopTracebacksDropped(sink)
+    stream.write("held until released: Trace")
+    assert sink.getvalue() == "held until released: "
+    stream.release()
+    assert sink.getvalue() == "held until released: Trace"
