@@ -15,7 +15,7 @@ and the decoded count of ones, so a truncated, altered or forged file raises
 ``ModelFileError`` -- quickly and without allocating what it claims -- instead of producing a
 wrong model.
 The frozen weights are not stored: they are regenerated from the seed exactly as the run
-made them (``fedpm.init_model_variables`` with ``keys.server_key(seed)``).
+made them (``models.init_model_variables`` with ``keys.server_key(seed)``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedmask_jax import coding, keys, masking, models
-from fedmask_jax.algorithms import fedpm as fedpm_lib
 
 MAGIC = b"FMJXMASK"
 VERSION = 1
@@ -83,7 +82,7 @@ class LoadedModel:
 
     @property
     def mask_flat(self) -> np.ndarray:
-        return (fedpm_lib.flat(self.variables["params"]) > 0).astype(np.uint8)
+        return (models.flat(self.variables["params"]) > 0).astype(np.uint8)
 
 
 def _fail(path: str, why: str):
@@ -143,7 +142,7 @@ def _architecture_entries(arch: dict, input_shape) -> int:
     """Mask entries of an architecture, from its shapes alone (nothing is allocated)."""
     model = models.build_model(**arch)
     sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.uint8)
-    shapes = jax.eval_shape(lambda k, x: fedpm_lib.init_model_variables(model, x, k),
+    shapes = jax.eval_shape(lambda k, x: models.init_model_variables(model, x, k),
                             jax.random.key(0), sample)
     return models.count_entries(shapes["params"])
 
@@ -181,9 +180,9 @@ def load_model(path: str) -> LoadedModel:
 
     model = models.build_model(**header["architecture"]).clone(mask_mode="threshold")
     sample = jnp.zeros((1, *header["input_shape"]), jnp.uint8)
-    variables = fedpm_lib.init_model_variables(model, sample, keys.server_key(header["seed"]))
+    variables = models.init_model_variables(model, sample, keys.server_key(header["seed"]))
     if models.count_entries(variables["params"]) != n:
         _fail(path, "mask size does not match its architecture")
     # A +1/-1 score per entry makes the thresholded mask exactly the stored one.
-    scores = fedpm_lib.unflat(np.where(mask > 0, 1.0, -1.0).astype(np.float32), variables["params"])
+    scores = models.unflat(np.where(mask > 0, 1.0, -1.0).astype(np.float32), variables["params"])
     return LoadedModel(header, model, {"params": scores, "frozen": variables["frozen"]})

@@ -59,6 +59,11 @@ def threshold_mask_ste(scores: jax.Array) -> jax.Array:
     return theta + jax.lax.stop_gradient(threshold_mask(scores) - theta)
 
 
+def keep_probabilities(scores):
+    """theta = sigmoid(score) for every leaf of a tree of scores."""
+    return jax.tree.map(jax.nn.sigmoid, scores)
+
+
 def smooth_mask(mask: jax.Array, epsilon: float) -> jax.Array:
     """Maps a binary mask 0 -> eps, 1 -> 1 - eps, as the reference does before aggregation."""
     return mask * (1.0 - 2.0 * epsilon) + epsilon

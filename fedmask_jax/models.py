@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -271,6 +271,33 @@ def is_conv(name: str) -> bool:
 
 def count_entries(tree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def init_model_variables(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> dict:
+    """Scores and frozen weights from one key -- how a saved model rebuilds its weights."""
+    k_scores, k_frozen, k_mask = jax.random.split(key, 3)
+    return model.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, sample_x)
+
+
+def unflat_like(vector: jax.Array, like: Any) -> Any:
+    """A flat vector back into a tree shaped (and typed) like ``like``, leaves in
+    ``jax.tree.leaves`` order."""
+    leaves, treedef = jax.tree.flatten(like)
+    out, start = [], 0
+    for leaf in leaves:
+        out.append(vector[start:start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
+        start += leaf.size
+    return jax.tree.unflatten(treedef, out)
+
+
+def flat(tree: Any) -> np.ndarray:
+    """All leaves of a parameter tree as one flat host array, in the uplink payload's order."""
+    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+
+
+def unflat(vector: np.ndarray, like: Any) -> Any:
+    """Inverse of ``flat`` for a tree shaped like ``like``."""
+    return unflat_like(jnp.asarray(vector), like)
 
 
 @dataclasses.dataclass(frozen=True)

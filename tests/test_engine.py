@@ -223,5 +223,5 @@ def test_ynn_fusions_do_not_change_a_conv_round():
         assert float(m1[name]) == pytest.approx(float(m2[name]), rel=1e-4), name
     # Masks are sampled against scores trained in float32 by different kernels: nearly all
     # of the posterior counts agree exactly.
-    a1, a2 = fedpm_lib.flat(s1.alpha), fedpm_lib.flat(s2.alpha)
+    a1, a2 = models.flat(s1.alpha), models.flat(s2.alpha)
     assert np.mean(a1 == a2) > 0.999

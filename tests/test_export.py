@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmask_jax import export
+from fedmask_jax import export, models
 from fedmask_jax.algorithms import fedpm as fedpm_lib
 from fedmask_jax.simulation import RunConfig, execute
 from tests.helpers import digits
@@ -33,7 +33,7 @@ def test_round_trip_gives_identical_predictions(thresholded_run):
     np.testing.assert_array_equal(loaded.predict(ds.x_test), np.argmax(expected, -1))
     np.testing.assert_allclose(loaded.logits(ds.x_test), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(loaded.mask_flat,
-                                  (fedpm_lib.flat(fedpm_lib.theta(server)) > 0.5).astype(np.uint8))
+                                  (models.flat(fedpm_lib.theta(server)) > 0.5).astype(np.uint8))
     size = os.path.getsize(summary["final_model_file"])
     assert summary["final_model_file_bpp"] == pytest.approx(8 * size / n)
     # The coded mask is under one bit per entry; the JSON header is a fixed few hundred bytes.

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedmask_jax import masking
+from fedmask_jax import masking, models
 from fedmask_jax.algorithms import fedpm as fedpm_lib
 from tests.helpers import small_fedpm
 
@@ -80,8 +80,8 @@ def test_code_lengths_on_the_device_are_the_range_coders_ideal_and_it_reaches_th
     state = state._replace(scores=jax.tree.map(lambda s: s + 0.5, state.scores))  # it trained
     result = alg.client_finish(server, state, (), jnp.int32(10), jax.random.key(1))
     n = alg.num_params
-    mask = np.asarray(fedpm_lib.flat(result.contribution)).astype(np.uint8)
-    theta = fedpm_lib.flat(fedpm_lib.theta(server)).astype(np.float64)
+    mask = np.asarray(models.flat(result.contribution)).astype(np.uint8)
+    theta = models.flat(fedpm_lib.theta(server)).astype(np.float64)
     prior = float(result.metrics["uplink_bpp_coded_prior"]) * n
     glob = float(result.metrics["uplink_bpp_coded_global"]) * n
     assert prior == pytest.approx(coding.ideal_bits(mask, theta), rel=1e-5)

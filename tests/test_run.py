@@ -189,9 +189,10 @@ def test_compressed_downlink(tmp_path, downlink, expect):
     summary = outcome.summary
     import numpy as np
 
+    from fedmask_jax import models
     from fedmask_jax.algorithms import fedpm as fedpm_lib
 
-    theta = fedpm_lib.flat(fedpm_lib.theta(outcome.state.server))
+    theta = models.flat(fedpm_lib.theta(outcome.state.server))
     if downlink == "quantized":
         assert len(np.unique(np.round(theta, 5))) <= 8
         assert summary["mean_downlink_bpp"] == expect

@@ -16,10 +16,10 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedmask_jax import coding, masking, models, privacy
+from fedmask_jax.algorithms import fedpm_host
 from fedmask_jax.algorithms.base import (Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree,
                                          gradient_step)
 from fedmask_jax.config import check, setting
@@ -149,12 +149,6 @@ class FedPMClientState(NamedTuple):
     opt_state: optax.OptState
 
 
-def init_model_variables(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> dict:
-    """Scores and frozen weights from one key -- how a saved model rebuilds its weights."""
-    k_scores, k_frozen, k_mask = jax.random.split(key, 3)
-    return model.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, sample_x)
-
-
 def fedmask(model: nn.Module, sample_x: jax.Array, config: FedPMConfig) -> FederatedAlgorithm:
     """FedMask-style deterministic masks (Li et al. 2021) in FedPM's frame, its closest baseline.
 
@@ -181,7 +175,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
     flip = privacy.flip_probability(config.mask_rr_epsilon) if config.mask_rr_epsilon > 0 else 0.0
 
     def init_variables(key):
-        return init_model_variables(model, sample_x, key)
+        return models.init_model_variables(model, sample_x, key)
 
     shapes = jax.eval_shape(init_variables, jax.random.key(0))
     num_params = models.count_entries(shapes["params"])
@@ -266,7 +260,7 @@ def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
             "downlink_bpp": downlink_bits(server.scores) / num_params,
         }
         kept = state.opt_state if config.persistent_client_optimizer else persistent
-        return ClientResult(unflat_like(mask, server.scores), kept, metrics)
+        return ClientResult(models.unflat_like(mask, server.scores), kept, metrics)
 
     def server_update(server: FedPMServerState, mask_counts, num_clients):
         chex.assert_trees_all_equal_shapes_and_dtypes(mask_counts, server.scores)
@@ -357,15 +351,6 @@ def mean_mask_entropy(scores: PyTree) -> jax.Array:
 def _flat_probabilities(scores: PyTree) -> jax.Array:
     flat_scores = jnp.concatenate([s.ravel() for s in jax.tree.leaves(scores)])
     return jnp.clip(jax.nn.sigmoid(flat_scores), _P_CLIP, 1.0 - _P_CLIP)
-
-
-def unflat_like(vector: jax.Array, like: PyTree) -> PyTree:
-    leaves, treedef = jax.tree.flatten(like)
-    out, start = [], 0
-    for leaf in leaves:
-        out.append(vector[start:start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
-        start += leaf.size
-    return jax.tree.unflatten(treedef, out)
 
 
 def kl_bits(q: jax.Array, p: jax.Array) -> jax.Array:
@@ -484,19 +469,9 @@ def coded_bits_global(ones: jax.Array, n: int) -> jax.Array:
     return coding.COUNT_BITS - ones * jnp.log2(f) - (n - ones) * jnp.log2(1.0 - f)
 
 
-def flat(tree: PyTree) -> np.ndarray:
-    """All leaves of a parameter tree as one flat host array, in the uplink payload's order."""
-    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
-
-
-def unflat(vector: np.ndarray, like: PyTree) -> PyTree:
-    """Inverse of ``flat`` for a tree shaped like ``like``."""
-    return unflat_like(jnp.asarray(vector), like)
-
-
 def theta(server: FedPMServerState) -> PyTree:
     """The global keep-probabilities sigmoid(scores)."""
-    return jax.tree.map(jax.nn.sigmoid, server.scores)
+    return masking.keep_probabilities(server.scores)
 
 
 def _masked_model(arch: models.Architecture, config: FedPMConfig) -> nn.Module:
@@ -504,8 +479,6 @@ def _masked_model(arch: models.Architecture, config: FedPMConfig) -> nn.Module:
 
 
 def _host_hooks(ctx):
-    from fedmask_jax.algorithms import fedpm_host  # host-only: range coding, model files
-
     return [*fedpm_host.hooks(ctx), *privacy.accountant_hooks(ctx)]
 
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from fedmask_jax import coding, keys, masking
 from fedmask_jax import export as export_lib
-from fedmask_jax.algorithms import fedpm as fedpm_lib
 from fedmask_jax.algorithms.base import HostContext, HostHook, RunFault
 
 # A measured code may exceed its ideal length by this fraction, plus the two 32-bit words a
@@ -44,7 +43,7 @@ def hooks(ctx: HostContext) -> list[HostHook]:
 
 
 def _flat_theta(server) -> jax.Array:
-    return jnp.concatenate([jax.nn.sigmoid(s).ravel() for s in jax.tree.leaves(server.scores)])
+    return jnp.concatenate([t.ravel() for t in jax.tree.leaves(masking.keep_probabilities(server.scores))])
 
 
 def coding_workers(count: int) -> int:
@@ -141,7 +140,7 @@ class FinalModel(HostHook):
     def finish(self, server, history) -> dict:
         ctx = self.ctx
         n = ctx.algorithm.num_params
-        theta = jax.tree.leaves(fedpm_lib.theta(server))
+        theta = jax.tree.leaves(masking.keep_probabilities(server.scores))
         key = keys.stream(ctx.seed, keys.FINAL_MODEL_SIZE)
         sampled = sum(float(jnp.sum(jax.random.bernoulli(jax.random.fold_in(key, i), t)))
                       for i, t in enumerate(theta))
