@@ -32,13 +32,15 @@ import numpy as np
 
 from absl import app, flags, logging
 
-from experiments.benchmark_report import fmt, gemm_label, gemm_peak, write_docs
+from experiments.benchmark_report import conv_op_types, f32_twin, fmt, gemm_label, gemm_peak, write_docs
 
 F = flags.FLAGS
 flags.DEFINE_list("cases", ["mlp_w1_k10", "mlp_w1_k100", "conv4_w1_k10"],
-                  "Cases as <model>_w<width>_k<clients>[_n<population>][_r<runs>]; width 05 means "
-                  "0.5; _r<runs> (a sweep case): that many runs in one program against one run "
-                  "at a time (JAX only, --strategy=scan).")
+                  "Cases as <model>_w<width>_k<clients>[_n<population>][_r<runs>][_bf16]; width 05 "
+                  "means 0.5; _r<runs> (a sweep case): that many runs in one program against one run "
+                  "at a time (JAX only, --strategy=scan); _bf16: the JAX side's convolutions with "
+                  "bfloat16 operands (--conv_precision=bf16 of experiments.run; the reference "
+                  "stays float32), its GEMM peak a bfloat16 matmul.")
 flags.DEFINE_integer("examples_per_client", 600, "Training examples per client (Fashion-MNIST, or generated images for conv6).")
 flags.DEFINE_integer("batch_size", 128, "Local batch size (capped at examples_per_client).")
 flags.DEFINE_integer("local_epochs", 3, "Local epochs.")
@@ -60,7 +62,8 @@ flags.DEFINE_string("run_case", None, "Internal: run one case in this process an
 
 def parse_case(case: str) -> dict:
     parts = case.split("_")
-    spec = {"case": case, "model": parts[0], "width": 1.0, "k": 10, "n": None, "runs": 1}
+    spec = {"case": case, "model": parts[0], "width": 1.0, "k": 10, "n": None, "runs": 1,
+            "conv_precision": "f32"}
     for p in parts[1:]:
         if p.startswith("w"):
             digits = p[1:]  # "w1" -> 1.0, "w05" -> 0.5, "w025" -> 0.25
@@ -71,6 +74,8 @@ def parse_case(case: str) -> dict:
             spec["n"] = int(p[1:])
         elif p.startswith("r") and p[1:].isdigit() and int(p[1:]) > 1:
             spec["runs"] = int(p[1:])
+        elif p == "bf16":
+            spec["conv_precision"] = "bf16"
         else:
             raise ValueError(f"--cases: cannot parse {case!r} (part {p!r})")
     spec["n"] = spec["n"] or spec["k"]
@@ -145,7 +150,8 @@ def case_config(spec: dict, batch_size: int):
                      num_clients=spec["n"], clients_per_round=spec["k"], local_epochs=F.local_epochs,
                      batch_size=batch_size, max_examples_per_client=F.examples_per_client,
                      strategy=F.strategy, client_chunk_size=F.client_chunk_size,
-                     client_grad=F.client_grad, cpu_ynn_fusions=F.cpu_ynn_fusions, cpu_conv=F.cpu_conv, data_dir=F.data_dir,
+                     client_grad=F.client_grad, cpu_ynn_fusions=F.cpu_ynn_fusions, cpu_conv=F.cpu_conv,
+                     conv_precision=spec.get("conv_precision", "f32"), data_dir=F.data_dir,
                      download=False, verbose=False, method={"coded_uplink": False})
 
 
@@ -167,6 +173,8 @@ def run_case(case: str) -> dict:
     parts, backend = exp.partition, jax.default_backend()
     server, store = exp.initial_state()
     compile_s = exp.round_fn.compile(server, store, exp.data, exp.cohort(0), exp.round_key(0))
+    compiled = getattr(exp.round_fn, "_compiled", None)  # the scan strategy's one program
+    conv_ops = conv_op_types(compiled.as_text()) if compiled is not None and exp.architecture.conv else None
     out = exp.round_fn(server, store, exp.data, exp.cohort(0), exp.round_key(0))  # warm-up
     jax.block_until_ready(out.metrics)
     state = [out.server, out.store]
@@ -204,7 +212,8 @@ def run_case(case: str) -> dict:
     torch_rps = rate(torch_times) if torch_times else None
 
     achieved = flops_ex * examples_per_round * jax_rps / 1e9
-    peak = gemm_peak(backend)
+    precision = spec["conv_precision"]
+    peak = gemm_peak(backend, dtype="bfloat16" if precision == "bf16" else "float32")
     return {
         "case": case, "model": spec["model"], "width": spec["width"],
         "clients_per_round": spec["k"], "num_clients": spec["n"],
@@ -213,6 +222,7 @@ def run_case(case: str) -> dict:
         "client_grad": cfg.client_grad, "backend": backend,
         "compiler_options": engine.compiler_options(cfg) or {},
         "conv_kernel": _conv_kernel(exp.architecture, backend),
+        "conv_precision": precision, "conv_ops": conv_ops,
         "device": str(jax.devices()[0].device_kind),
         "jax_rounds_per_s": jax_rps, "jax_examples_per_s": examples_per_round * jax_rps,
         "torch_rounds_per_s": torch_rps, "torch_device": torch_device,
@@ -237,6 +247,8 @@ def _conv_kernel(arch, backend: str) -> str | None:
 
     if not arch.conv:
         return None
+    if conv.conv_precision() == "bf16":
+        return "xla (bf16 operands)"  # oneDNN's kernel is float32-only
     if backend == "cpu" and conv.cpu_kernel() == "onednn":
         return f"onednn {onednn.version()}"
     return "xla"
@@ -318,13 +330,23 @@ def main(argv):
     results = []
     for case in F.cases:
         print(f"benchmark: {case} ...", flush=True)
+        # A _bf16 case whose float32 twin is among the cases does not time the reference again
+        # (the same float32 PyTorch round): its speedup is set against the twin's reference.
+        twin = f32_twin(case)
+        extra = ["--notorch"] if twin in F.cases else []
         proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--run_case={case}",
-                               *passthrough], capture_output=True, text=True)
+                               *passthrough, *extra], capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             print(f"benchmark: {case} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         r = json.loads(lines[-1][len("RESULT "):])
+        done = {x["case"]: x for x in results}
+        if extra and done.get(twin, {}).get("torch_rounds_per_s"):
+            t = done[twin]
+            r.update(torch_rounds_per_s=t["torch_rounds_per_s"], torch_device=t["torch_device"],
+                     torch_examples_per_s=t["torch_examples_per_s"], torch_from=twin,
+                     speedup=r["jax_rounds_per_s"] / t["torch_rounds_per_s"])
         results.append(r)
         if r.get("kind") == "sweep":
             print(f"  {r['runs']} runs in one program: {r['vectorized_run_rounds_per_s']:.3f} run-rounds/s, "
@@ -332,6 +354,8 @@ def main(argv):
                   f"compile {r['compile_vectorized_s']:.1f}s vs {r['compile_one_s']:.1f}s", flush=True)
             write_json_atomic(os.path.join(workdir, "benchmark.json"), results)
             continue
+        if r.get("conv_ops"):
+            print("  convolutions in the round: " + ", ".join(f"{n}x {k}" for k, n in sorted(r["conv_ops"].items())), flush=True)
         print(f"  JAX {r['jax_rounds_per_s']:.3f} rounds/s ({r['jax_examples_per_s']:.0f} ex/s, "
               f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['achieved_gflops'] / r['gemm_peak_gflops']:.0f}% "
               f"of the {r['gemm_peak_gflops']:.0f} GFLOP/s GEMM peak, {gemm_label(r)}), PyTorch {fmt(r['torch_rounds_per_s'], '.3f')} "

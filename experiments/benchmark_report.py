@@ -70,6 +70,48 @@ def gemm_label(r: dict) -> str:
             + (f", {chain} chained in one program" if chain > 1 else ""))
 
 
+def f32_twin(case: str) -> str | None:
+    """The float32 case a _bf16 case mirrors (None for a float32 case)."""
+    return case[: -len("_bf16")] if case.endswith("_bf16") else None
+
+
+def conv_op_types(hlo: str) -> dict[str, int]:
+    """The convolutions of a compiled program's HLO text by kind and element types, e.g.
+    ``{"__cudnn$convForward bf16,bf16->f32": 4}``: whether a bfloat16 convolution stayed one
+    after XLA's passes (a backend may run a mixed-precision one in float32)."""
+    import re
+
+    types: dict[str, str] = {}
+    ops = []
+    define = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\(?([a-z]+[0-9]*)\[")
+    call = re.compile(r"\b(convolution|custom-call)\(([^)]*)\)")
+    for line in hlo.splitlines():
+        m = define.match(line)
+        if not m:
+            continue
+        types[m.group(1)] = m.group(2)
+        c = call.search(line)
+        if not c:
+            continue
+        kind = c.group(1)
+        if kind == "custom-call":
+            target = re.search(r'custom_call_target="([^"]+)"', line)
+            if not target or "conv" not in target.group(1).lower():
+                continue
+            kind = target.group(1)
+        args = re.sub(r"\[[^\]]*\]|\{[^}]*\}", "", c.group(2))  # shapes and layouts out
+        ops.append((kind, m.group(2), [a.strip() for a in args.split(",") if a.strip()]))
+    counts: dict[str, int] = {}
+    for kind, out, args in ops:
+        arg_types = []
+        for a in args:  # "%name", or "f32 %name" where the printer gives operand types
+            words = a.split()
+            arg_types.append(words[0] if len(words) > 1 else types.get(words[0].lstrip("%"), "?"))
+        key = f"{kind} {','.join(arg_types)}->{out}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def fmt(v, spec=".2f"):
     return "—" if v is None else format(v, spec)
 
@@ -101,8 +143,19 @@ def write_docs(results: list[dict], path: str, command: str) -> None:
             f"{fmt(r['jax_examples_per_s'], '.0f')} | {fmt(r['achieved_gflops'], '.1f')} | "
             f"{fmt(100 * r['achieved_gflops'] / r['gemm_peak_gflops'], '.0f')} | "
             f"{fmt(r['compile_time_s'], '.1f')} | {fmt(r['peak_rss_mb'], '.0f')} |")
+    borrowed = [r for r in results if r.get("torch_from")]
+    if borrowed:
+        rows.append("")
+        rows.append("PyTorch rounds/s of " + ", ".join(f"{r['case']}: {r['torch_from']}'s (the same float32 "
+                                                       "reference round, not timed again)" for r in borrowed) + ".")
+    bf16 = [r for r in results if r.get("gemm_peak_precision") == "bf16"]
+    if bf16:
+        rows.append("")
+        rows.append("% of GEMM peak of " + ", ".join(r["case"] for r in bf16) + ": of a bf16 matmul's "
+                    f"({', '.join(format(r['gemm_peak_gflops'], '.0f') for r in bf16)} GFLOP/s).")
     if results:
-        peaks = [r["gemm_peak_gflops"] for r in results]
+        peaks = [r["gemm_peak_gflops"] for r in results if r.get("gemm_peak_precision") != "bf16"] or \
+            [r["gemm_peak_gflops"] for r in results]
         span = f"{min(peaks):.0f}" if round(min(peaks)) == round(max(peaks)) else f"{min(peaks):.0f}–{max(peaks):.0f}"
         rows[:0] = [f"Training FLOPs per example: the analytic count of `fedmask_jax.flops` (forward + "
                     f"backward as executed), the same on every backend. GEMM peak: "

@@ -5,19 +5,30 @@
 #
 #   bash scripts/device_check.sh OUT [DIR]    # DIR defaults to .device
 #
-# Runs the quickstart, then the benchmark cases mlp_w1_k100, conv4_w1_k10, conv4_w1_k100 and
-# the 10,000-client case with the PyTorch reference on CUDA; writes into OUT (at most 8 files):
-# env.txt, quickstart.log, quickstart_metrics.jsonl, quickstart_summary.json, distributed.log,
-# benchmark.log, benchmark.json, benchmarks.md. About 7 minutes on an H100.
+# Runs, in this order, writing into OUT (at most 11 files):
+#   1. the quickstart (quickstart.log, quickstart_metrics.jsonl, quickstart_summary.json);
+#   2. the benchmark, PyTorch reference on CUDA: mlp_w1_k100, conv4_w1_k10, conv4_w1_k100, its
+#      bf16 twin conv4_w1_k100_bf16 (--conv_precision=bf16; the reference not timed again),
+#      and Conv6 on generated 32x32x3 data, conv6_w1_k10 and conv6_w1_k100 (benchmark.log,
+#      benchmark.json, benchmarks.md); each row records the round's convolutions by kind and
+#      element types (did XLA keep the bf16 ones in bf16?);
+#   3. experiments.bench_conv --clients=10 and --clients=100 on Conv4's layers: the
+#      client-batched lowerings, each checked against the host loop, then timed (bench_conv.log,
+#      bench_conv_k10.json, bench_conv_k100.json);
+#   4. the distributed step: the tiny digits run as two jax.distributed processes of two
+#      virtual CPU devices each (gloo over 127.0.0.1; CPU because there is one GPU) against one
+#      process with four, record by record (distributed.log). MODE=distributed runs it alone.
+# plus env.txt. Each step prints its wall time. Estimated 8 minutes on an H200, from the
+# 2026-11-27 run's figures (quickstart 53 s; compiles 11-31 s a case): quickstart ~1 min,
+# benchmark ~4.5 min, bench_conv ~1.5 min, distributed ~1 min. The most wanted figures come first.
 #
-# Between them, the distributed step: the tiny digits run as two jax.distributed processes of
-# two virtual CPU devices each (gloo over 127.0.0.1; CPU because there is one GPU) against one
-# process with four, record by record; writes distributed.log. MODE=distributed runs it alone.
+# Environment, for a dry run on a CPU (BUILD.md, "On a GPU machine"): PYTHON; ROUNDS
+# (quickstart rounds, default the flagfile's 20); CASES and TORCH (benchmark cases, default above,
+# and --torch_device=cuda; e.g. TORCH=--notorch); EXAMPLES (examples per client, default 128);
+# CONV_CLIENTS (bench_conv's K values, default "10 100"); CONV_BATCH (its batch, default 128);
+# CONV_KINDS (its lowerings, default all but unrolled: 100 clients' convs unrolled in one
+# program are a long compile for a form no strategy uses).
 #
-# MODE=sweep instead: the benchmark's sweep cases (8 runs x 10 clients, MLP and Conv4, in one
-# program vs one at a time) and the quickstart swept over 8 seeds as one program and as one
-# process per point; writes env.txt, benchmark.log, benchmark.json, benchmarks.md, sweep.log,
-# sweep_vectorized.md, sweep_one_per_process.md. About 4 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: device_check.sh OUT [DIR]}"
@@ -78,20 +89,38 @@ if [ "${MODE:-check}" = sweep ]; then
   exit 0
 fi
 
-timeout 150 "$PY" -m experiments.run --flagfile=experiments/configs/quickstart.flags \
+step() {  # NAME: prints the wall time of the step that just ended
+  echo "device_check: $1 took $("$PY" -c "print(round($EPOCHREALTIME - $STEP_START, 1))") s" | tee -a "$OUT/env.txt"
+  STEP_START=$EPOCHREALTIME
+}
+STEP_START=$EPOCHREALTIME
+
+timeout 150 "$PY" -m experiments.run --flagfile=experiments/configs/quickstart.flags ${ROUNDS:+--rounds=$ROUNDS} \
   --archive_dir="$DIR/fashion-mnist" --data_dir="$WORK/tfds" --download=false \
   --workdir="$WORK/quickstart" 2>&1 | tee "$OUT/quickstart.log"
 cp "$WORK/quickstart/metrics.jsonl" "$OUT/quickstart_metrics.jsonl" 2>/dev/null
 cp "$WORK/quickstart/summary.json" "$OUT/quickstart_summary.json" 2>/dev/null
+step quickstart
 
-distributed_step
-
-# CASES and TORCH override the cases and the reference's device (a CPU dry run: CASES=mlp_w05_k10 TORCH=--notorch).
-timeout 380 "$PY" -m experiments.benchmark \
-  --cases="${CASES:-mlp_w1_k100,conv4_w1_k10,conv4_w1_k100,mlp_w1_k1000_n10000}" ${TORCH:---torch_device=cuda} \
-  --examples_per_client=128 --local_epochs=3 --batch_size=128 --timed_rounds=3 \
-  --min_timed_seconds=4 --torch_max_clients=100 \
+# The quickstart prepared Fashion-MNIST in $WORK/tfds; conv6 trains on generated images.
+timeout 420 "$PY" -m experiments.benchmark \
+  --cases="${CASES:-mlp_w1_k100,conv4_w1_k10,conv4_w1_k100,conv4_w1_k100_bf16,conv6_w1_k10,conv6_w1_k100}" \
+  ${TORCH:---torch_device=cuda} --examples_per_client="${EXAMPLES:-128}" --local_epochs=3 --batch_size=128 \
+  --timed_rounds=3 --min_timed_seconds=4 --torch_max_clients=100 \
   --data_dir="$WORK/tfds" --workdir="$WORK/benchmark" --docs="$OUT/benchmarks.md" \
   2>&1 | tee "$OUT/benchmark.log"
 cp "$WORK/benchmark/benchmark.json" "$OUT/benchmark.json" 2>/dev/null
+step benchmark
+
+: > "$OUT/bench_conv.log"
+for k in ${CONV_CLIENTS:-10 100}; do
+  timeout 200 "$PY" -m experiments.bench_conv --clients="$k" --batch="${CONV_BATCH:-128}" \
+    --kinds="${CONV_KINDS:-vmap_grad,summed_grad,map_dense,host_loop,im2col,shared_w_bound}" \
+    --out="$OUT/bench_conv_k$k.json" 2>&1 | tee -a "$OUT/bench_conv.log"
+  echo "bench_conv --clients=$k: exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench_conv.log"
+done
+step bench_conv
+
+distributed_step
+step distributed
 ls -la "$OUT"

@@ -163,3 +163,18 @@ def test_fedpm_conv4_round_in_bf16_is_close_to_f32():
     # The same uniforms draw the uploaded masks: nearly every server probability is the same.
     assert float(jnp.mean(jnp.abs(t16 - t32) < 1e-6)) > 0.95
 
+
+def test_the_benchmark_records_each_convolution_s_element_types():
+    from experiments.benchmark_report import conv_op_types, f32_twin
+
+    assert f32_twin("conv4_w1_k100_bf16") == "conv4_w1_k100" and f32_twin("conv4_w1_k100") is None
+    conv.set_cpu_kernel("xla")
+    x, w, b = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4)), jnp.zeros(4)
+    ops = {}
+    for p in ("f32", "bf16"):
+        conv.set_conv_precision(p)
+        step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv.conv2d_same(x, w, b))), (0, 1)))
+        ops[p] = conv_op_types(step.lower(x, w).compile().as_text())
+    assert ops["f32"] == {"convolution f32,f32->f32": 3}
+    # XLA:CPU runs bfloat16 convolutions in float32 (it converts the operands): recorded as such.
+    assert sum(ops["bf16"].values()) == 3 and all(k.startswith("convolution ") for k in ops["bf16"])
