@@ -30,8 +30,21 @@ import dp_accounting
 from dp_accounting import rdp
 
 from fedmask_jax.algorithms.base import HostContext, HostHook
+from fedmask_jax.config import setting
 
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+
+
+# The accountant's two settings, a field of each method config it reads: one flag shared by
+# those methods, so one declaration (a fresh field per class: dataclasses write into it).
+def dp_delta_setting():
+    return setting(1e-5, "The delta at which the accountant reports epsilon (must be below "
+                   "1 / --num_clients).", min=0, max=1, min_open=True, max_open=True)
+
+
+def target_epsilon_setting():
+    return setting(0.0, "Stop the run at the last round whose epsilon stays within this "
+                   "(0 = no target).", min=0)
 
 
 def gaussian_round(noise_multiplier: float, num_clients: int, clients_per_round: int,

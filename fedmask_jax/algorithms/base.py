@@ -23,7 +23,16 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
+from fedmask_jax.config import setting
+
 PyTree = Any
+
+
+# Mask and dense methods share the flag --client_lr: one declaration (a fresh field per
+# class: dataclasses write into it).
+def client_lr_setting():
+    return setting(0.1, "Client learning rate (mask methods: Adam on the scores; dense methods: "
+                   "--client_optimizer).", min=0, min_open=True, vary=True)
 
 
 class Batch(NamedTuple):

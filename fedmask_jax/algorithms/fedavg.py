@@ -24,7 +24,7 @@ from jax.flatten_util import ravel_pytree
 from fedmask_jax import models, privacy
 from fedmask_jax.algorithms import compressors as C
 from fedmask_jax.algorithms.base import (Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree,
-                                         gradient_step)
+                                         client_lr_setting, gradient_step)
 from fedmask_jax.algorithms.compressors import Compressor
 from fedmask_jax.config import check, setting
 from fedmask_jax.models import count_entries
@@ -43,8 +43,7 @@ class DenseConfig:
     """The dense methods: client and server optimizers (the server's acts on -(aggregate))."""
 
     client_optimizer: str = setting("sgd", "Client optimizer of the dense weights.", choices=OPTIMIZERS)
-    client_lr: float = setting(0.1, "Client learning rate (mask methods: Adam on the scores; dense "
-                               "methods: --client_optimizer).", min=0, min_open=True, vary=True)
+    client_lr: float = client_lr_setting()
     client_momentum: float = setting(0.9, "Momentum for --client_optimizer=sgdm.", min=0, max=1,
                                      max_open=True, vary=True)
     server_optimizer: str = setting("sgd", "Optax optimizer the server applies to -(aggregated "
@@ -78,10 +77,8 @@ class FedAvgConfig(DenseConfig):
         0.5, "Adaptive clipping with noise: std of the noise on the count of unclipped clients "
         "(Andrew et al. use clients_per_round / 20); it must exceed half --dp_noise_multiplier.",
         min=0, min_open=True)
-    dp_delta: float = setting(1e-5, "The delta at which the accountant reports epsilon (must be "
-                              "below 1 / --num_clients).", min=0, max=1, min_open=True, max_open=True)
-    target_epsilon: float = setting(0.0, "Stop the run at the last round whose epsilon stays within "
-                                    "this (0 = no target).", min=0)
+    dp_delta: float = privacy.dp_delta_setting()
+    target_epsilon: float = privacy.target_epsilon_setting()
 
     def __post_init__(self):
         check(self)

@@ -21,7 +21,7 @@ import optax
 from fedmask_jax import coding, masking, models, privacy
 from fedmask_jax.algorithms import fedpm_host
 from fedmask_jax.algorithms.base import (Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree,
-                                         gradient_step)
+                                         client_lr_setting, gradient_step)
 from fedmask_jax.config import check, setting
 
 
@@ -39,9 +39,7 @@ def _verify_count(value: str) -> str | None:
 class FedPMConfig:
     """FedPM's (and FedMask's) settings; defaults follow the authors' code."""
 
-    client_lr: float = setting(0.1, "Client learning rate (mask methods: Adam on the scores; dense "
-                               "methods: --client_optimizer).",
-                               min=0, min_open=True, vary=True)
+    client_lr: float = client_lr_setting()
     epsilon: float = setting(0.01, "Uplink mask smoothing 0 -> eps, 1 -> 1 - eps before aggregation.",
                              min=0, max=0.5, min_open=True, max_open=True, vary=True)
     lambda0: float = setting(1.0, "Server Beta prior alpha = beta = lambda0 (>= 1: the mode needs it).",
@@ -73,10 +71,8 @@ class FedPMConfig:
     mask_rr_epsilon: float = setting(
         0.0, "Local DP: flip each uplink mask entry with probability 1/(1+e^eps) (randomized "
         "response, eps per entry); the server debiases the counts (0 = off).", min=0)
-    dp_delta: float = setting(1e-5, "The delta at which the accountant reports epsilon (must be "
-                              "below 1 / --num_clients).", min=0, max=1, min_open=True, max_open=True)
-    target_epsilon: float = setting(0.0, "Stop the run at the last round whose epsilon stays within "
-                                    "this (0 = no target).", min=0)
+    dp_delta: float = privacy.dp_delta_setting()
+    target_epsilon: float = privacy.target_epsilon_setting()
     # FedMask-style: train and send the deterministic mask 1[s > 0] instead of a sample.
     deterministic: bool = setting(False, "Send 1[s > 0] instead of a sample.", flag=False)
 
