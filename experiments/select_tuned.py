@@ -16,6 +16,12 @@ written and the exit status is 1. The flagfile written includes ``--base_flagfil
 value stays the base's) and sets the chosen value after it; its comments give the grid, each
 point's validation accuracy, the rule and the sweep command. It is rewritten only when its
 text changes, so re-running on the same sweep leaves it as it is.
+
+A best value at an end of the grid says only that the best may lie beyond it. With
+``--extend_at_edge`` nothing is written then: the exit status is 3 and the last line of stdout is
+``GRID <name>=<values>``, the grid with one more value past that end (the end's own step, to
+one significant figure), for the caller to run and select again. Without it the flagfile
+is written and its comments say the value is at the edge.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ flags.DEFINE_string("out_flagfile", None, "The flagfile to write.")
 flags.DEFINE_string("sweep_command", "", "The sweep command, quoted in the flagfile's comments.")
 flags.DEFINE_float("select_tolerance", 0.005, "Choose the smallest value within this much validation "
                    "accuracy of the best.", lower_bound=0)
+flags.DEFINE_bool("extend_at_edge", False, "When the best value is the grid's largest or smallest, "
+                  "write nothing, exit 3 and print the grid one step wider (GRID <name>=<values>).")
 flags.DEFINE_string("setting_note", "", "What the sweep ran on, for the comments (e.g. the setting flagfile).")
 
 # experiments.sweep's table columns (the rest of a sweep.json row is the grid point)
@@ -86,6 +94,28 @@ def choose(points: list[dict], tolerance: float) -> dict:
     return min((p for p in ok if p["accuracy"] >= best - tolerance), key=lambda p: float(p["value"]))
 
 
+def edge(points: list[dict], chosen: dict, tolerance: float) -> str | None:
+    """"largest" when the chosen value is the grid's largest, "smallest" when the smallest value
+    is the best by more than ``tolerance`` (the rule prefers it within tolerance anyway), else None."""
+    ok = [p for p in points if p["accuracy"] is not None]
+    if len(points) < 2:
+        return None
+    if chosen is points[-1]:
+        return "largest"
+    if chosen is points[0] and all(p["accuracy"] < chosen["accuracy"] - tolerance for p in ok if p is not chosen):
+        return "smallest"
+    return None
+
+
+def wider_grid(points: list[dict], side: str) -> list[str]:
+    """The grid's values with one more past its ``side`` end, a step as wide (by ratio) as the
+    end's own, to one significant figure."""
+    values = [p["value"] for p in points]
+    a, b = (float(values[-2]), float(values[-1])) if side == "largest" else (float(values[1]), float(values[0]))
+    nxt = float(f"{b * b / a:.1g}")
+    return values + [f"{nxt:g}"] if side == "largest" else [f"{nxt:g}"] + values
+
+
 def _figure(p: dict) -> str:
     if p["accuracy"] is not None:
         return f"{p['accuracy']:.4f}"
@@ -107,6 +137,9 @@ def flagfile_text(entry: str, name: str, points: list[dict], chosen: dict, base:
         "# (MLP-tuned, or the reference code's: see it). Written by experiments/select_tuned.py from",
         f"# {os.path.join(sweep_dir, 'sweep.json')}; the sweep:",
     ]
+    side = edge(points, chosen, tolerance)
+    if side:
+        lines.insert(3, f"# The chosen value is the grid's {side}: the best may lie beyond it.")
     lines += [f"#   {command}"] if command else []
     lines += [f"--flagfile={base}", f"--{name}={chosen['value']}"]
     return "\n".join(lines) + "\n"
@@ -125,6 +158,14 @@ def main(argv):
     except ValueError as e:
         print(f"select_tuned: error: {e}", file=sys.stderr)
         sys.exit(1)
+    side = edge(points, chosen, F.select_tolerance)
+    if side and F.extend_at_edge:
+        grid = wider_grid(points, side)
+        print(f"select_tuned: {name} over {', '.join(p['value'] for p in points)}: "
+              f"{', '.join(_figure(p) for p in points)}: the best, {chosen['value']}, is the grid's {side}; "
+              f"run the sweep again over {', '.join(grid)}", flush=True)
+        print(f"GRID {name}={','.join(grid)}", flush=True)
+        sys.exit(3)
     out = F.out_flagfile
     entry = os.path.basename(out)[:-len(".flags")] if out.endswith(".flags") else os.path.basename(out)
     text = flagfile_text(entry, name, points, chosen, F.base_flagfile, F.select_tolerance,

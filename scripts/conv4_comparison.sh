@@ -3,7 +3,8 @@
 #   1. tune fedpm, fedavg, ef_signsgd and drive on the CNN (experiments.sweep, 3 values each,
 #      10 rounds, 10% of the training set held out for validation);
 #   2. pick each value by a rule fixed beforehand (experiments/select_tuned.py) and write it into
-#      experiments/configs/methods_conv4_cpu/<method>.flags;
+#      experiments/configs/methods_conv4_cpu/<method>.flags; a best value at an end of the grid
+#      widens the grid by one step that way and the sweep runs again (at most twice);
 #   3. the comparison (experiments/configs/compare_fmnist_conv4_cpu.flags) in three parts, each
 #      ending with a finished table: (a) every method once, IID; (b) the non-IID setting;
 #      (c) the other seeds; then the plain comparison command once more, which must find every
@@ -86,13 +87,29 @@ main() {
   failed=0
   for spec in "${TUNE[@]}"; do
     IFS=: read -r method param values <<< "$spec"
-    sweep=("$PY" -m experiments.sweep --flagfile=$SETTING --flagfile=experiments/configs/methods/$method.flags
-           --validation_fraction=$VALIDATION --rounds=$TUNE_ROUNDS "${SMALL[@]}"
-           "--sweep=$param=$values" --sweep_dir="$TUNE_DIR/$method")
-    step "tune_$method" "${sweep[@]}" || { failed=1; continue; }
-    step "select_$method" "$PY" -m experiments.select_tuned --tuning_sweep="$TUNE_DIR/$method" \
-      --base_flagfile=experiments/configs/methods/$method.flags --out_flagfile="$METHODS_DIR/$method.flags" \
-      --setting_note=$SETTING --sweep_command="${sweep[*]}" || failed=1
+    # A best value at an end of the grid: the grid grows by one step that way and the sweep runs
+    # again (its finished points are kept), at most twice; then the edge value is taken as it is.
+    for widen in 0 1 2; do
+      sweep=("$PY" -m experiments.sweep --flagfile=$SETTING --flagfile=experiments/configs/methods/$method.flags
+             --validation_fraction=$VALIDATION --rounds=$TUNE_ROUNDS "${SMALL[@]}"
+             "--sweep=$param=$values" --sweep_dir="$TUNE_DIR/$method")
+      step "tune_$method" "${sweep[@]}" || { failed=1; break; }
+      extend=(--extend_at_edge)
+      [[ $widen == 2 ]] && extend=()
+      sel=$(mktemp)
+      step "select_$method" "$PY" -m experiments.select_tuned --tuning_sweep="$TUNE_DIR/$method" \
+        --base_flagfile=experiments/configs/methods/$method.flags --out_flagfile="$METHODS_DIR/$method.flags" \
+        --setting_note=$SETTING --sweep_command="${sweep[*]}" "${extend[@]}" | tee "$sel"
+      rc=${PIPESTATUS[0]}
+      grid=$(sed -n 's/^GRID //p' "$sel" | tail -n 1)
+      rm -f "$sel"
+      if [[ $rc == 3 && -n "$grid" ]]; then
+        values=${grid#*=}
+        continue
+      fi
+      [[ $rc == 0 ]] || failed=1
+      break
+    done
   done
   untuned=$(grep -l "NOT YET TUNED" "$METHODS_DIR"/*.flags)
   if [[ $failed == 1 || -n "$untuned" ]]; then

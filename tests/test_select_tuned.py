@@ -90,3 +90,31 @@ def test_writes_a_flagfile_that_includes_the_base_and_sets_the_value_once(tmp_pa
     os.remove(folder / "server_lr=0.3" / "summary.json")
     bad = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "has not finished" in bad.stderr and out.read_text() == text
+
+
+@pytest.mark.parametrize("results, side, grid", [
+    ({"0.03": 0.25, "0.1": 0.64, "0.3": 0.74}, "largest", ["0.03", "0.1", "0.3", "0.9"]),
+    ({"0.3": 0.80, "1.0": 0.79, "3.0": 0.70}, "smallest", ["0.09", "0.3", "1.0", "3.0"]),
+    ({"0.03": 0.8665, "0.1": 0.870, "0.3": 0.871}, None, None),  # the smallest, but within half a point
+    ({"0.03": 0.86, "0.1": 0.87, "0.3": 0.85}, None, None),
+    ({"0.03": 0.80, "0.1": ("diverged", 4), "0.3": ("diverged", 2)}, "smallest", ["0.009", "0.03", "0.1", "0.3"]),
+])
+def test_a_best_value_at_an_end_of_the_grid_asks_for_one_more_step(tmp_path, results, side, grid):
+    _, points = _points(tmp_path, results)
+    chosen = select_tuned.choose(points, 0.005)
+    assert select_tuned.edge(points, chosen, 0.005) == side
+    if side:
+        assert select_tuned.wider_grid(points, side) == grid
+
+
+def test_extend_at_edge_writes_nothing_and_prints_the_wider_grid(tmp_path):
+    folder = _sweep(tmp_path / "s", "client_lr", {"0.03": 0.25, "0.1": 0.64, "0.3": 0.74})
+    out = tmp_path / "fedpm.flags"
+    args = [sys.executable, "-m", "experiments.select_tuned", f"--tuning_sweep={folder}",
+            "--base_flagfile=experiments/configs/methods/fedpm.flags", f"--out_flagfile={out}"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(args + ["--extend_at_edge"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and not out.exists(), proc.stderr
+    assert proc.stdout.splitlines()[-1] == "GRID client_lr=0.03,0.1,0.3,0.9"
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "the grid's largest" in out.read_text() and "--client_lr=0.3" in out.read_text()
