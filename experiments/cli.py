@@ -15,7 +15,7 @@ import sys
 
 from absl import flags
 
-INTERRUPTED, TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM: what a shell reports
+from experiments import exit_codes
 
 
 class Terminated(KeyboardInterrupt):
@@ -29,7 +29,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
 
 
 def _once(signum, frame):
@@ -50,7 +50,7 @@ def stop_on_signals() -> None:
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:
-    return TERMINATED if isinstance(interrupt, Terminated) else INTERRUPTED
+    return exit_codes.TERMINATED if isinstance(interrupt, Terminated) else exit_codes.INTERRUPTED
 
 
 def what(interrupt: KeyboardInterrupt) -> str:

@@ -43,6 +43,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import exit_codes
 from experiments import run as run_cli  # noqa: F401 -- defines the run and method flags
 from experiments.launch import outcome, run_point
 from fedmask_jax.algorithms.registry import METHODS, method_flag_names
@@ -255,7 +256,7 @@ def main(argv):
             raise ValueError(f"--parts: {', '.join(unknown) or 'empty'}; allowed: {', '.join(PARTS)}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
     os.makedirs(F.compare_dir, exist_ok=True)
     status = {}
     runs = lambda part: not F.report_only and part in F.parts  # noqa: E731
@@ -302,7 +303,7 @@ def main(argv):
     # A diverged method is a result (reported in the table); a failed or missing one is not.
     if any(checked(part) and _unfinished(part_rows) for part, part_rows in
            (("first", first_rows), ("second", second_rows), ("seeds", seed_rows))):
-        sys.exit(1)
+        sys.exit(exit_codes.FAILED)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import exit_codes
 from fedmask_jax import privacy
 
 flags.DEFINE_float("target_epsilon", None, "Epsilon after --rounds rounds.")
@@ -37,7 +38,7 @@ def main(argv):
         problems.append(f"--dp_delta must be in (0, 1/--num_clients = {1 / max(F.num_clients, 1):g})")
     if problems:
         print(f"error: {'; '.join(problems)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
     z = privacy.noise_for_epsilon(F.target_epsilon, F.dp_delta, F.rounds, F.num_clients, F.clients_per_round)
     print(f"--dp_noise_multiplier={z:.6g}")
     if F.mask_entries:

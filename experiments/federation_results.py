@@ -22,6 +22,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import exit_codes
 from fedmask_jax import privacy
 
 flags.DEFINE_string("out", "runs/federation", "Folder of the runs, the table and the plots.")
@@ -71,7 +72,7 @@ def run_all(todo: dict[str, tuple[str, list[str]]]) -> None:
                 f"--workdir={workdir}", "--notensorboard"]
         print(f"{name}: {' '.join(argv[3:])}", flush=True)
         proc = subprocess.run(argv, stdout=subprocess.DEVNULL)
-        if proc.returncode not in (0, 4):  # 4: diverged, results kept
+        if proc.returncode not in (exit_codes.OK, exit_codes.DIVERGED):  # diverged: results kept
             print(f"error: {name} exited {proc.returncode}; see {workdir}", file=sys.stderr)
             sys.exit(proc.returncode)
 
@@ -146,7 +147,7 @@ def main(argv):
     unknown = [n for n in F.only if n not in everything]
     if unknown:
         print(f"error: --only: unknown settings {unknown}; known: {', '.join(everything)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
     os.makedirs(F.out, exist_ok=True)
     run_all({n: s for n, s in everything.items() if not F.only or n in F.only})
     text = report(everything)

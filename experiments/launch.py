@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+from experiments import exit_codes
+
 LOG_NAME = "sweep_log.txt"
 
 
@@ -83,13 +85,10 @@ def sweep_locks(sweep_dir: str, index: int, count: int) -> list:
     return locks
 
 
-DIVERGED = 4  # experiments.run's exit code for a run that stopped at a non-finite loss
-
-
 def outcome(rc: int, log: str) -> str:
     """A point's status from its exit code: a diverged run is a result, not a failure."""
-    if rc == 0:
+    if rc == exit_codes.OK:
         return "done"
-    if rc == DIVERGED:
+    if rc == exit_codes.DIVERGED:
         return "diverged"
     return f"failed (exit {rc}, see {log})"

@@ -35,6 +35,8 @@ import time
 
 from absl import app, flags
 
+from experiments import exit_codes
+
 F = flags.FLAGS
 flags.DEFINE_integer("processes", 2, "Processes of the run.", lower_bound=1)
 flags.DEFINE_integer("cpu_devices", 2, "Virtual CPU devices per process (JAX_NUM_CPU_DEVICES).",
@@ -129,12 +131,12 @@ def launch(run_flags: list[str], processes: int, cpu_devices: int, timeout_s: fl
             if timeout_s and time.monotonic() - start > timeout_s:
                 print(f"multiprocess: still running after {timeout_s:.0f}s; stopping every process",
                       file=sys.stderr, flush=True)
-                rc = 124
+                rc = exit_codes.TIMED_OUT
                 break
             time.sleep(0.2)
     except _Stopped as e:
         print(f"multiprocess: {e}; stopping every process", file=sys.stderr, flush=True)
-        rc = 143
+        rc = exit_codes.TERMINATED
     finally:
         _stop(procs)
         for s, handler in previous.items():
@@ -191,7 +193,7 @@ def main(argv):
         cfg = parse_point(run_flags)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.BAD_INPUT
     total = F.processes * F.cpu_devices
     print(f"multiprocess: {F.processes} processes x {F.cpu_devices} CPU devices ({total} in all)", flush=True)
     rc = launch(run_flags, F.processes, F.cpu_devices, F.timeout_s)
@@ -204,7 +206,7 @@ def main(argv):
         rc = subprocess.call(cmd, env=cpu_env(total), cwd=ROOT, stdout=subprocess.DEVNULL,
                              timeout=F.timeout_s or None, preexec_fn=_die_with_parent)
     except subprocess.TimeoutExpired:
-        rc = 124
+        rc = exit_codes.TIMED_OUT
     rc = 128 - rc if rc < 0 else rc
     if rc:
         print(f"multiprocess: the one-process run exited with code {rc}", file=sys.stderr)
@@ -213,10 +215,10 @@ def main(argv):
     if problems:
         print(f"multiprocess: MISMATCH, {len(problems)} of {compared} values:\n  " + "\n  ".join(problems[:20]),
               file=sys.stderr)
-        return 1
+        return exit_codes.FAILED
     print(f"multiprocess: {F.processes} processes match one process: {compared} values in "
           f"{len(_records(one))} records, largest relative difference {worst:.2g}", flush=True)
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ Writes <workdir>/metrics.jsonl (one line per evaluated round), summary.json, con
 plots and, for mask methods, the final model file. Every flag is a field of
 ``fedmask_jax.run_config.RunConfig`` or of a method's config (``--help`` lists them).
 
-Exit codes: 0 done; 2 bad input (a flag absl cannot parse included), missing data, a workdir
-in use or not resumable, a full disk (one ``error:`` line); 3 a check found the results wrong
-(RunFault); 4 the run diverged (its results are written); 130 interrupted (Ctrl-C), 143
-terminated (SIGTERM), each with one line and the rounds so far on disk.
+Exit codes (``experiments.exit_codes``): 0 done; 2 bad input (a flag absl cannot parse
+included), missing data, a workdir in use or not resumable, a full disk (one ``error:`` line);
+3 a check found the results wrong (RunFault); 4 the run diverged (its results are written);
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM), each with one line and the rounds so far
+on disk.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import cli
+from experiments import cli, exit_codes
 from fedmask_jax import config as config_lib
 from fedmask_jax.algorithms.base import RunFault
 from fedmask_jax.data import DataError
@@ -56,11 +57,11 @@ def main(argv):
         cfg = config_from_flags()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
     given = [f"--{n}" for n in ("coordinator_address", "num_processes", "process_id") if F[n].present]
     if given and not F.distributed:
         print(f"error: {', '.join(given)} need{'s' if len(given) == 1 else ''} --distributed", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
     if F.distributed:
         from fedmask_jax import distributed
 
@@ -69,7 +70,7 @@ def main(argv):
         except (ValueError, TypeError, RuntimeError) as e:
             print(f"error: --distributed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                   file=sys.stderr)
-            sys.exit(2)
+            sys.exit(exit_codes.BAD_INPUT)
     from fedmask_jax.simulation import run
 
     cli.stop_on_signals()
@@ -77,10 +78,10 @@ def main(argv):
         summary = run(cfg)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
     except RunFault as e:
         print(f"error: {e}; the rounds before it are in {cfg.workdir}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(exit_codes.RUN_FAULT)
     except KeyboardInterrupt as e:
         print(f"{cli.what(e)}: the rounds so far are in {cfg.workdir}"
               + (" (continue with --resume)" if cfg.checkpoint_every else ""), file=sys.stderr)
@@ -89,9 +90,9 @@ def main(argv):
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         print(f"error: {e.filename or cfg.workdir}: {e.strerror or e}"
               + ("; free some space or choose another --workdir" if full else ""), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
     if summary["diverged_at_round"] is not None:
-        sys.exit(4)  # results written; the warning said where and why
+        sys.exit(exit_codes.DIVERGED)  # results written; the warning said where and why
 
 
 if __name__ == "__main__":

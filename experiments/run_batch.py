@@ -10,8 +10,9 @@ one batch after another in this process. Every point writes into its own workdir
 experiments.run writes there (console lines go to its sweep_log.txt); a batch keeps its
 checkpoints in ``<batches_dir>/<batch id>`` and resumes from them.
 
-Exit codes: as experiments.run (0 done, 2 bad input, 3 a check failed, 4 some run diverged,
-130 interrupted, 143 terminated), and 5: these points cannot share a program here (nothing was run).
+Exit codes (``experiments.exit_codes``): as experiments.run (0 done, 2 bad input, 3 a check
+failed, 4 some run diverged, 130 interrupted, 143 terminated), and 5: these points cannot share
+a program here (nothing was run).
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import cli
+from experiments import cli, exit_codes
 from experiments.launch import LOG_NAME, parse_point
 
 F = flags.FLAGS
 flags.DEFINE_string("batch_file", None, "JSON file written by experiments.sweep.")
-
-CANNOT_SHARE = 5
 
 
 def batch_id(workdirs: list[str]) -> str:
@@ -88,10 +87,10 @@ def main(argv):
         max_runs = runs_per_program(cfgs, dataset, spec.get("max_runs_per_program", 0))
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
     if not max_runs:
         print("these points run one at a time here (--strategy resolves to host_loop)", file=sys.stderr)
-        sys.exit(CANNOT_SHARE)
+        sys.exit(exit_codes.CANNOT_SHARE)
     diverged = False
     cli.stop_on_signals()
     for members in batches(cfgs, max_runs):
@@ -104,10 +103,10 @@ def main(argv):
             summaries, _, _ = execute_runs(group, batch_dir=batch_dir, console_to_log=LOG_NAME)
         except (ValueError, DataError) as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(exit_codes.BAD_INPUT)
         except RunFault as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(3)
+            sys.exit(exit_codes.RUN_FAULT)
         except KeyboardInterrupt as e:
             print(f"{cli.what(e)}: the rounds so far are in each point's workdir", file=sys.stderr)
             sys.exit(cli.exit_code(e))
@@ -115,7 +114,7 @@ def main(argv):
             diverged |= s["diverged_at_round"] is not None
             print(f"  {name}: final accuracy {s.get('final_test_accuracy', float('nan')):.4f}", flush=True)
     if diverged:
-        sys.exit(4)
+        sys.exit(exit_codes.DIVERGED)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import cli
+from experiments import cli, exit_codes
 from experiments import run as run_flags  # noqa: F401 -- defines the flags a point may set
 from experiments.launch import LOG_NAME, call, outcome, parse_point, point_argv, run_point, sweep_locks
 
@@ -51,7 +51,6 @@ flags.DEFINE_integer("max_runs_per_program", 0, "At most this many points in one
 
 _OWN = ("--sweep", "--sweep_dir", "--shard", "--report_only", "--noreport_only", "--workdir",
         "--vectorize", "--novectorize", "--max_runs_per_program")
-CANNOT_SHARE = 5  # experiments.run_batch: these points cannot share a program here
 COLUMNS = ["final_test_accuracy", "final_test_accuracy_thresholded", "mean_uplink_bpp",
            "mean_uplink_bpp_coded_prior", "final_model_file_bpp", "steady_round_time_s",
            "total_time_s", "diverged_at_round"]
@@ -188,7 +187,7 @@ def main(argv):
         ensure_writable_dir(F.sweep_dir, "--sweep_dir")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_codes.BAD_INPUT)
 
     locks = [] if F.report_only else sweep_locks(F.sweep_dir, index, count)
     with contextlib.ExitStack() as held:
@@ -197,7 +196,7 @@ def main(argv):
                 held.enter_context(lock)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(exit_codes.BAD_INPUT)
         cli.stop_on_signals()
         try:
             sweep(grid, index, count)
@@ -209,9 +208,9 @@ def main(argv):
 
 def _stopped(rc: int) -> None:
     """A point that was interrupted or terminated stops the sweep, as if it had been."""
-    if rc == cli.INTERRUPTED:
+    if rc == exit_codes.INTERRUPTED:
         raise KeyboardInterrupt()
-    if rc == cli.TERMINATED:
+    if rc == exit_codes.TERMINATED:
         raise cli.Terminated()
 
 
@@ -239,8 +238,8 @@ def sweep(grid, index: int, count: int) -> None:
             if finished:
                 status[workdir] = finished
                 print(f"sweep: {point_name(point)} {finished}", flush=True)
-            elif rc in (CANNOT_SHARE, 2):  # one at a time: each point reports its own error
-                alone.append((point, workdir))
+            elif rc in (exit_codes.CANNOT_SHARE, exit_codes.BAD_INPUT):
+                alone.append((point, workdir))  # one at a time: each point reports its own error
             else:
                 status[workdir] = outcome(rc, log_path)
                 print(f"sweep: {point_name(point)} {status[workdir]}", flush=True)
@@ -254,7 +253,7 @@ def sweep(grid, index: int, count: int) -> None:
     rows = report(grid, F.sweep_dir, status)
     print(open(os.path.join(F.sweep_dir, "sweep.md")).read())
     if any(r["status"].startswith("failed") for r in rows):
-        sys.exit(1)
+        sys.exit(exit_codes.FAILED)
 
 
 if __name__ == "__main__":

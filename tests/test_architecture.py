@@ -121,3 +121,16 @@ def test_experiments_use_only_public_names():
                     and node.value.id in bound and _private(node.attr)):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}")
     assert not offenders, "private names used from experiments/:\n" + "\n".join(offenders)
+
+
+def test_the_exit_code_table_is_the_constants():
+    from experiments import exit_codes
+
+    constants = {n: v for n, v in vars(exit_codes).items() if n.isupper()}
+    rows = {}
+    for line in exit_codes.__doc__.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            rows[parts[1]] = int(parts[0])
+    assert rows == constants
+    assert len(set(constants.values())) == len(constants)
