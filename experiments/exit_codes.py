@@ -16,6 +16,8 @@ code  name            meaning
 4     DIVERGED        the run stopped at a non-finite loss; its results are written (a
                       result, not a failure)
 5     CANNOT_SHARE    run_batch: these points cannot share a program here; nothing was run
+6     WIDEN_GRID      select_tuned --extend_at_edge: the best value is at an end of the
+                      grid; the grid one step wider is the last line of stdout
 124   TIMED_OUT       multiprocess: ``--timeout_s`` passed (as coreutils ``timeout``)
 130   INTERRUPTED     Ctrl-C (128 + SIGINT, what a shell reports); the rounds so far on disk
 143   TERMINATED      SIGTERM (128 + SIGTERM); the rounds so far on disk
@@ -28,6 +30,7 @@ BAD_INPUT = 2
 RUN_FAULT = 3
 DIVERGED = 4
 CANNOT_SHARE = 5
+WIDEN_GRID = 6
 TIMED_OUT = 124
 INTERRUPTED = 130
 TERMINATED = 143

@@ -12,14 +12,14 @@ half a point) of it. Smaller steps are preferred because a learning rate that wi
 tuning's 10 rounds can still diverge over the comparison's 40 (as on the MLP).
 
 Every point of the grid must have finished, on a validation split: otherwise nothing is
-written and the exit status is 1. The flagfile written includes ``--base_flagfile`` (so every other
-value stays the base's) and sets the chosen value after it; its comments give the grid, each
-point's validation accuracy, the rule and the sweep command. It is rewritten only when its
+written, one ``error:`` line says why and the exit status is 2. The flagfile written includes
+``--base_flagfile`` (so every other value stays the base's) and sets the chosen value after it;
+its comments give the grid, each point's validation accuracy, the rule and the sweep command. It is rewritten only when its
 text changes, so re-running on the same sweep leaves it as it is.
 
 A best value at an end of the grid says only that the best may lie beyond it. With
-``--extend_at_edge`` nothing is written then: the exit status is 3 and the last line of stdout is
-``GRID <name>=<values>``, the grid with one more value past that end (the end's own step, to
+``--extend_at_edge`` nothing is written then: the exit status is 6 (``exit_codes.WIDEN_GRID``)
+and the last line of stdout is ``GRID <name>=<values>``, the grid with one more value past that end (the end's own step, to
 one significant figure), for the caller to run and select again. Without it the flagfile
 is written and its comments say the value is at the edge.
 """
@@ -33,6 +33,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import exit_codes
+
 F = flags.FLAGS
 flags.DEFINE_string("tuning_sweep", None, "A finished experiments.sweep folder (one grid parameter).")
 flags.DEFINE_string("base_flagfile", None, "The method flagfile the tuned one includes.")
@@ -41,7 +43,7 @@ flags.DEFINE_string("sweep_command", "", "The sweep command, quoted in the flagf
 flags.DEFINE_float("select_tolerance", 0.005, "Choose the smallest value within this much validation "
                    "accuracy of the best.", lower_bound=0)
 flags.DEFINE_bool("extend_at_edge", False, "When the best value is the grid's largest or smallest, "
-                  "write nothing, exit 3 and print the grid one step wider (GRID <name>=<values>).")
+                  "write nothing, exit 6 and print the grid one step wider (GRID <name>=<values>).")
 flags.DEFINE_string("setting_note", "", "What the sweep ran on, for the comments (e.g. the setting flagfile).")
 
 # experiments.sweep's table columns (the rest of a sweep.json row is the grid point)
@@ -156,8 +158,8 @@ def main(argv):
         name, points = load_points(F.tuning_sweep)
         chosen = choose(points, F.select_tolerance)
     except ValueError as e:
-        print(f"select_tuned: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(exit_codes.BAD_INPUT)
     side = edge(points, chosen, F.select_tolerance)
     if side and F.extend_at_edge:
         grid = wider_grid(points, side)
@@ -165,7 +167,7 @@ def main(argv):
               f"{', '.join(_figure(p) for p in points)}: the best, {chosen['value']}, is the grid's {side}; "
               f"run the sweep again over {', '.join(grid)}", flush=True)
         print(f"GRID {name}={','.join(grid)}", flush=True)
-        sys.exit(3)
+        sys.exit(exit_codes.WIDEN_GRID)
     out = F.out_flagfile
     entry = os.path.basename(out)[:-len(".flags")] if out.endswith(".flags") else os.path.basename(out)
     text = flagfile_text(entry, name, points, chosen, F.base_flagfile, F.select_tolerance,

@@ -103,7 +103,7 @@ main() {
       rc=${PIPESTATUS[0]}
       grid=$(sed -n 's/^GRID //p' "$sel" | tail -n 1)
       rm -f "$sel"
-      if [[ $rc == 3 && -n "$grid" ]]; then
+      if [[ $rc == 6 && -n "$grid" ]]; then  # experiments/exit_codes.py: WIDEN_GRID
         values=${grid#*=}
         continue
       fi

@@ -89,7 +89,7 @@ def test_writes_a_flagfile_that_includes_the_base_and_sets_the_value_once(tmp_pa
     assert again.returncode == 0 and "(unchanged" in again.stdout and out.read_text() == text
     os.remove(folder / "server_lr=0.3" / "summary.json")
     bad = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "has not finished" in bad.stderr and out.read_text() == text
+    assert bad.returncode == 2 and "has not finished" in bad.stderr and out.read_text() == text
 
 
 @pytest.mark.parametrize("results, side, grid", [
@@ -114,7 +114,7 @@ def test_extend_at_edge_writes_nothing_and_prints_the_wider_grid(tmp_path):
             "--base_flagfile=experiments/configs/methods/fedpm.flags", f"--out_flagfile={out}"]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(args + ["--extend_at_edge"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 3 and not out.exists(), proc.stderr
+    assert proc.returncode == 6 and not out.exists(), proc.stderr
     assert proc.stdout.splitlines()[-1] == "GRID client_lr=0.03,0.1,0.3,0.9"
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "the grid's largest" in out.read_text() and "--client_lr=0.3" in out.read_text()
