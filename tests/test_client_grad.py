@@ -7,7 +7,8 @@ import pytest
 
 from fedmask_jax import engine, experiment, models
 from fedmask_jax.algorithms import registry
-from fedmask_jax.algorithms.base import gradient_step
+from fedmask_jax.algorithms.base import Batch, gradient_step
+from fedmask_jax.engine import program
 from fedmask_jax.run_config import RunConfig
 from tests.helpers import digits_client_data, small_fedpm
 
@@ -56,7 +57,7 @@ def test_summed_gradient_gives_the_same_mlp_round():
 def test_a_chunk_of_one_ignores_the_setting():
     """Unvmapped clients take their own gradients either way: the same program."""
     alg = small_fedpm()
-    stages = [engine._Stages(alg, engine.EngineConfig(client_chunk_size=1, client_grad=g), None)
+    stages = [program._Stages(alg, engine.EngineConfig(client_chunk_size=1, client_grad=g), None)
               for g in engine.CLIENT_GRADS]
     assert not any(st.summed for st in stages)
 
@@ -67,7 +68,7 @@ def test_client_step_is_the_gradient_step_of_its_halves():
     server = alg.server_init(jax.random.key(0))
     state = alg.client_init(server, ())
     rows = np.arange(16)
-    batch = engine.Batch(data.x[rows], data.y[rows], np.ones(16, np.float32))
+    batch = Batch(data.x[rows], data.y[rows], np.ones(16, np.float32))
     step = gradient_step(alg.client_params, alg.client_loss, alg.client_apply)
     a, b = alg.client_step(server, state, batch, jax.random.key(1)), step(server, state, batch, jax.random.key(1))
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)

@@ -22,8 +22,8 @@ def _imports(path: pathlib.Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["loop.py", "simulation.py", "sinks.py", "history.py",
-                                    "checkpoints.py", "engine.py"])
+@pytest.mark.parametrize("module", ["loop.py", "simulation.py", "sinks.py", "history.py", "checkpoints.py",
+                                    *sorted(str(p.relative_to(PACKAGE)) for p in (PACKAGE / "engine").glob("*.py"))])
 def test_run_layer_and_engine_import_no_method(module):
     assert not _imports(PACKAGE / module) & METHOD_MODULES
 

@@ -1,4 +1,4 @@
-"""The round engine: one round trains a whole cohort and aggregates it.
+"""The round program: one round trains a whole cohort and aggregates it.
 
 ``round(server, store, data, cohort, key) -> RoundOutput(server, store, metrics, collected)``
 
@@ -35,12 +35,9 @@ The engine knows nothing about masks: everything method-specific is in the
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import chex
 import jax
@@ -49,43 +46,10 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from fedmask_jax.algorithms.base import Batch, ClientResult, FederatedAlgorithm, PyTree
-
-STRATEGIES = ("scan", "host_loop")
-CLIENT_GRADS = ("per_client", "summed")
-CLIENTS_AXIS = "clients"
-RUNS_AXIS = "runs"
-
-
-class ClientData(NamedTuple):
-    """The training set on the device, and which examples belong to which client.
-
-    ``index[c, :sizes[c]]`` are the rows of ``x``/``y`` held by client ``c``; the rest of the
-    row is padding.
-    """
-
-    x: jax.Array  # [num_examples, ...] raw (uint8) inputs
-    y: jax.Array  # [num_examples] int32 labels
-    index: jax.Array  # [num_clients, max_client_size] int32
-    sizes: jax.Array  # [num_clients] int32
-
-
-class Cohort(NamedTuple):
-    """One round's clients, padded to a multiple of the chunk (times the devices).
-
-    Real clients come first; padding clients (and clients whose work does not count, such as
-    dropped stragglers) have ``valid`` 0 and count for nothing. ``collect[p]`` is the slot of
-    cohort position ``p`` in ``RoundOutput.collected`` or, for positions whose messages are
-    not collected, the number of slots (out of range). ``steps[p]``: the most local steps
-    (over all epochs) position ``p`` may take this round; ``ALL_STEPS`` for its full work.
-    """
-
-    ids: Any  # [P] int32
-    valid: Any  # [P] float32
-    collect: Any  # [P] int32
-    steps: Any  # [P] int32
-
-
-ALL_STEPS = 2**30  # a step budget no client reaches: its full local work
+from fedmask_jax.engine.cohort import Cohort
+from fedmask_jax.engine.config import CLIENT_GRADS, STRATEGIES, EngineConfig, compiler_options
+from fedmask_jax.engine.data import ClientData, check_client_data
+from fedmask_jax.engine.placement import CLIENTS_AXIS, RUNS_AXIS
 
 
 class Collected(NamedTuple):
@@ -100,95 +64,6 @@ class RoundOutput(NamedTuple):
     store: PyTree  # every client's persistent state (leading client axis)
     metrics: dict[str, jax.Array]  # means over the cohort's real clients
     collected: Collected | None  # None when the round collects no messages
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    batch_size: int = 128
-    local_epochs: int = 3
-    client_chunk_size: int = 1  # clients vmapped together; chunks run in sequence
-    # How a vmapped chunk's gradients are taken (chunks of one: always each client's own):
-    # per_client vmaps each client's client_step; summed differentiates the sum of the chunk's
-    # objectives (methods with a separable step only, see FederatedAlgorithm) -- the same
-    # gradients, but a grouped conv's filter gradient becomes cuDNN's grouped backward-filter
-    # kernel instead of a forward conv over transposed copies of the activations.
-    client_grad: str = "per_client"
-    cpu_ynn_fusions: bool = False  # keep XLA:CPU's YNNPACK fusions (see compiler_options)
-    collect: int = 0  # cohort positions whose messages the round hands back
-    runs_vectorized: int = 0  # of a program's runs, how many are vmapped together (0 = all)
-
-
-# XLA:CPU in jaxlib 0.10 hands convolutions, reductions and some elementwise ops to YNNPACK
-# ("ynn_fusion"s), whose kernels are slower than XLA's own for Conv4's layers on x86
-# (docs/benchmarks.md: per layer and per round).
-_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def compiler_options(cfg: EngineConfig, backend: str | None = None) -> dict[str, str] | None:
-    """XLA options for every program the engine compiles (``jax.jit(compiler_options=...)``).
-
-    Passed per program rather than through ``XLA_FLAGS`` so that they hold however and
-    whenever the process started JAX, and touch nothing else the process compiles.
-    """
-    if (backend or jax.default_backend()) != "cpu" or cfg.cpu_ynn_fusions:
-        return None
-    return dict(_NO_YNN)
-
-
-def client_data_from_partition(x: np.ndarray, y: np.ndarray, partition: list[np.ndarray],
-                               width: int | None = None) -> ClientData:
-    """Puts a partitioned dataset on the device once, as ``ClientData``; ``width``: pad each
-    client's row of the index to this many examples (default: the largest client)."""
-    sizes = np.array([len(p) for p in partition], np.int32)
-    index = np.zeros((len(partition), max(int(sizes.max()), width or 0)), np.int32)
-    for c, p in enumerate(partition):
-        index[c, : len(p)] = p
-    data = ClientData(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(index), jnp.asarray(sizes))
-    check_client_data(data)
-    return data
-
-
-def check_client_data(data: ClientData) -> None:
-    """The invariants every round relies on (shapes and dtypes; static, so free under jit)."""
-    chex.assert_rank([data.y, data.index, data.sizes], [1, 2, 1])
-    chex.assert_equal(data.x.shape[0], data.y.shape[0])
-    chex.assert_equal(data.index.shape[0], data.sizes.shape[0])
-    chex.assert_type([data.y, data.index, data.sizes], jnp.int32)
-
-
-def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
-    """Uniform sampling without replacement, keyed by (seed, round) only."""
-    rng = np.random.default_rng([seed, round_index])
-    return np.sort(rng.choice(num_clients, size=k, replace=False)).astype(np.int32)
-
-
-def make_cohort(clients: np.ndarray, multiple: int, collect: int = 0, seed: int = 0,
-                round_index: int = 0, *, steps: np.ndarray | None = None, valid: np.ndarray | None = None,
-                size: int = 0) -> Cohort:
-    """Pads ``clients`` to a multiple of ``multiple`` (and to at least ``size`` positions, so
-    that rounds with fewer clients keep the program's shapes) and picks ``collect`` of its
-    positions (uniformly, keyed by (seed, round)) whose messages the round hands back.
-    ``steps``/``valid``: each client's step budget and weight (default: full work, 1)."""
-    k = len(clients)
-    padded = -(-max(k, size, 1) // multiple) * multiple
-    ids = np.zeros(padded, np.int32)
-    ids[:k] = clients
-    weights = np.zeros(padded, np.float32)
-    weights[:k] = 1.0 if valid is None else valid
-    budget = np.full(padded, ALL_STEPS, np.int32)
-    if steps is not None:
-        budget[:k] = steps
-    slots = np.full(padded, collect, np.int32)
-    if collect:
-        if collect > padded:
-            raise ValueError(f"cannot collect {collect} messages from a cohort of {padded}")
-        # Only reporting clients' messages are collected: the first min(collect, reporting)
-        # slots are filled, the rest stay empty.
-        reporting = np.flatnonzero(weights[:k] > 0)
-        taken = min(collect, len(reporting))
-        chosen = reporting[np.random.default_rng([seed, round_index, 1]).choice(len(reporting), taken, replace=False)]
-        slots[np.sort(chosen)] = np.arange(taken, dtype=np.int32)
-    return Cohort(ids, weights, slots, budget)
 
 
 def _where_tree(pred, new, old):
@@ -473,32 +348,6 @@ class _Compiling(_HostDriven):
         return 1
 
 
-def _devices(num_devices: int) -> list:
-    devices = jax.devices()
-    if num_devices:
-        if num_devices > len(devices):
-            raise ValueError(f"--num_devices={num_devices} but only {len(devices)} devices exist")
-        devices = devices[:num_devices]
-    return devices
-
-
-def clients_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D mesh named ``clients`` over the first ``num_devices`` devices (0 = all).
-
-    Built from ``Mesh`` directly: ``jax.make_mesh`` gives Explicit axes in JAX 0.10, which
-    reject the unsharded (replicated) inputs the round takes.
-    """
-    return Mesh(np.array(_devices(num_devices)), (CLIENTS_AXIS,))
-
-
-def runs_mesh(runs: int, num_devices: int = 0) -> Mesh:
-    """A 2-D ``runs`` x ``clients`` mesh for ``runs`` runs in one program: as many devices
-    on ``runs`` as divide the runs evenly, the rest on ``clients`` (each run's cohort)."""
-    devices = _devices(num_devices)
-    on_runs = math.gcd(runs, len(devices))
-    return Mesh(np.array(devices).reshape(on_runs, len(devices) // on_runs), (RUNS_AXIS, CLIENTS_AXIS))
-
-
 class RoundFn:
     """``round(server, store, data, cohort, key) -> RoundOutput``; ``compile(...)`` the same
     arguments (or their shapes) ahead of time and returns the seconds it took.
@@ -589,183 +438,3 @@ def make_round_fn(alg: FederatedAlgorithm, cfg: EngineConfig, strategy: str = "s
                   mesh: Mesh | None = None, runs: int = 1) -> RoundFn:
     """See ``RoundFn``."""
     return RoundFn(alg, cfg, strategy, mesh, runs)
-
-
-def make_eval_fn(alg: FederatedAlgorithm, eval_batch_size: int,
-                 options: dict[str, str] | None = None, runs: int = 1, runs_vectorized: int = 0):
-    """Returns ``evaluate(server, x, y, key) -> {metric: mean over examples}``.
-
-    ``options``: XLA compiler options, e.g. ``compiler_options(cfg)``. ``runs > 1``: ``server``
-    and ``key`` have a leading runs axis, the metrics too (the test set is shared);
-    ``runs_vectorized`` of them are vmapped at a time (0 = all).
-
-    The test set is scanned in batches; each batch gets its own key (so a sampled-mask
-    evaluation draws a fresh mask per test batch, as the reference does).
-    """
-
-    def eval_fn(server, x, y, key):
-        m = x.shape[0]
-        nb = -(-m // eval_batch_size)
-        pad = nb * eval_batch_size - m
-        xb = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(nb, eval_batch_size, *x.shape[1:])
-        yb = jnp.pad(y, (0, pad)).reshape(nb, eval_batch_size)
-        mb = (jnp.arange(nb * eval_batch_size) < m).astype(jnp.float32).reshape(nb, -1)
-
-        def body(acc, xs):
-            i, bx, by, bm = xs
-            sums = alg.evaluate(server, Batch(bx, by, bm), jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, acc, sums), None
-
-        zero = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(alg.evaluate, server, Batch(xb[0], yb[0], mb[0]), key),
-        )
-        sums, _ = jax.lax.scan(body, zero, (jnp.arange(nb), xb, yb, mb))
-        return {k: v / m for k, v in sums.items()}
-
-    if runs > 1 and (not runs_vectorized or runs_vectorized >= runs):
-        eval_fn = jax.vmap(eval_fn, in_axes=(0, None, None, 0))
-    elif runs > 1:
-        one_run = eval_fn
-
-        def eval_fn(server, x, y, key):
-            return jax.lax.map(lambda sk: one_run(sk[0], x, y, sk[1]), (server, key),
-                               batch_size=runs_vectorized if runs_vectorized > 1 else None)
-    return jax.jit(eval_fn, compiler_options=options)
-
-
-def init_store(alg: FederatedAlgorithm, num_clients: int) -> PyTree:
-    """Every client's persistent state, stacked on a leading client axis."""
-    one = alg.persistent_init()
-    return jax.tree.map(lambda p: jnp.broadcast_to(p, (num_clients, *p.shape)).copy(), one)
-
-
-def auto_strategy(*, conv: bool, backend: str) -> str:
-    """The whole round in one program, except conv models on XLA:CPU (see RoundFn)."""
-    return "host_loop" if (backend == "cpu" and conv) else "scan"
-
-
-def auto_client_grad(*, conv: bool, chunk: int, backend: str) -> str:
-    """How a vmapped chunk's gradients are taken (``EngineConfig.client_grad``).
-
-    ``summed`` for conv models in chunks of several clients on GPU: their per-client
-    convolutions are grouped convolutions, and the summed objective's filter gradient is a
-    ``batch_group_count`` convolution on the activations as they are, which XLA maps to
-    cuDNN's grouped backward-filter kernel, where each client's vmapped gradient is a
-    forward convolution over transposed copies of them. ``per_client`` everywhere else: MLP
-    results stay as they were; XLA:CPU runs the ``batch_group_count`` form several times
-    slower than the vmapped one (``python -m experiments.bench_conv --clients=4 --batch=8``,
-    two runs on a shared 2-core host: 0.6-3.0 s against 0.06-0.4 s a step per Conv4 layer),
-    and on TPU it is not measured yet.
-    """
-    return "summed" if conv and chunk > 1 and backend == "gpu" else "per_client"
-
-
-def cpu_cache_bytes(default: int = 32 * 2**20) -> int:
-    """The last-level cache of this host (L3 from sysconf, else L2), or ``default``."""
-    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
-        try:
-            size = os.sysconf(name)
-        except (ValueError, OSError):
-            continue
-        if size and size > 0:
-            return int(size)
-    return default
-
-
-def auto_runs_per_program(runs: int, num_params: int, chunk: int, *, backend: str,
-                          memory_budget_bytes: float | None = None) -> int:
-    """How many runs to vmap together: each holds a chunk of clients' working set (as in
-    ``auto_chunk_size``), as many as fit the device memory budget of client chunks (8 GB; on
-    CPU at most a quarter of the host's memory)."""
-    if memory_budget_bytes is None:
-        memory_budget_bytes = 8e9
-        if backend == "cpu":
-            memory_budget_bytes = min(memory_budget_bytes, host_memory_bytes() / 4)
-    per_run = 8 * 4 * num_params * chunk
-    return int(max(1, min(runs, memory_budget_bytes // per_run)))
-
-
-def auto_runs_vectorized(runs: int, num_params: int, chunk: int, *, backend: str) -> int:
-    """Of ``runs`` runs in one program, how many to vmap together: all on accelerators (the
-    program is sized by ``auto_runs_per_program``); on CPU as many as keep their chunks'
-    working set in the last-level cache -- as for chunks, a vmap that spills it is slower per
-    run than runs one after another inside the program (docs/benchmarks.md)."""
-    if backend != "cpu":
-        return runs
-    return int(max(1, min(runs, cpu_cache_bytes() // (8 * 4 * num_params * chunk))))
-
-
-def host_memory_bytes(default: int = 8 * 2**30) -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError):
-        return default
-
-
-def _tree_bytes(tree) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-def message_bytes(alg: FederatedAlgorithm) -> int:
-    """Bytes of one client's collected message (``uplink_payload``), from shapes alone."""
-    if alg.uplink_payload is None:
-        return 0
-    server = jax.eval_shape(alg.server_init, jax.random.key(0))
-    persistent = jax.eval_shape(alg.persistent_init)
-
-    def payload(server, persistent, key):
-        state = alg.client_init(server, persistent)
-        return alg.uplink_payload(alg.client_finish(server, state, persistent, jnp.int32(1), key).contribution)
-
-    return _tree_bytes(jax.eval_shape(payload, server, persistent, jax.random.key(0)))
-
-
-def memory_needed(alg: FederatedAlgorithm, cfg: EngineConfig, *, num_clients: int, index_width: int,
-                  runs: int = 1, runs_per_device: int | None = None) -> dict[str, int]:
-    """What a run's arrays take on its device, in bytes, from shapes alone (nothing is
-    allocated), by what sets their size: the client index (every client's row padded to the
-    widest client), every client's persistent state, a vmapped chunk's working set (as
-    ``auto_chunk_size`` counts it) and the messages collected per round. ``runs`` runs in one
-    program, ``runs_per_device`` of them on each device (default: all)."""
-    per_device = runs if runs_per_device is None else runs_per_device
-    vectorized = min(cfg.runs_vectorized or per_device, per_device)
-    return {
-        "client index": per_device * num_clients * index_width * 4,
-        "persistent client states": per_device * num_clients * _tree_bytes(jax.eval_shape(alg.persistent_init)),
-        "client chunk": vectorized * cfg.client_chunk_size * 8 * 4 * alg.num_params,
-        "collected messages": per_device * cfg.collect * message_bytes(alg),
-    }
-
-
-def device_memory_bytes(backend: str | None = None) -> int | None:
-    """Memory of one device: the host's on CPU, the allocator's limit on accelerators (None
-    when the device does not say)."""
-    if (backend or jax.default_backend()) == "cpu":
-        return host_memory_bytes()
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return int(stats["bytes_limit"]) if stats.get("bytes_limit") else None
-
-
-def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: str,
-                    memory_budget_bytes: float | None = None) -> int:
-    """How many clients to vmap together, chosen per backend.
-
-    On XLA:CPU a vmapped convolution becomes a grouped convolution whose gradient runs ~35x
-    slower than a plain one, so conv clients run one at a time there. Everywhere else clients
-    are vmapped, as many as fit a memory budget (scores, optimizer state, gradients and
-    masks: ~8 copies of the parameters per client), preferring a divisor of the cohort so no
-    padding clients are trained. On CPU the budget is the last-level cache, with at least two
-    clients (a chunk whose working set stays in cache trains fastest; docs/benchmarks.md);
-    on GPU/TPU it is 8 GB of device memory.
-    """
-    if backend == "cpu" and conv:
-        return 1
-    per_client = 8 * 4 * num_params
-    if memory_budget_bytes is None:
-        memory_budget_bytes = max(cpu_cache_bytes(), 2 * per_client) if backend == "cpu" else 8e9
-    limit = int(max(1, min(cohort_size, memory_budget_bytes // per_client)))
-    divisors = [d for d in range(limit, 0, -1) if cohort_size % d == 0]
-    best = divisors[0]
-    # A divisor much smaller than the limit wastes parallelism; padding is cheaper then.
-    return best if best * 2 >= limit else limit

@@ -1,0 +1,54 @@
+"""The round engine: one round trains a whole cohort and aggregates it.
+
+This module is the engine's public surface: what ``fedmask_jax`` (build, the loop, the
+federation's cohorts) and ``experiments/`` use, and nothing else (the modules below hold the
+rest, like optax's ``_src``). One concern per module:
+
+* ``program`` -- the round program: its orchestration written once over client stages, run by
+  an injected loop (one jitted program, or Python over jitted stages); ``RoundFn``,
+  ``make_round_fn``, ``RoundOutput``, ``Collected``;
+* ``config`` -- what a program is compiled with: ``EngineConfig``, ``STRATEGIES``,
+  ``CLIENT_GRADS``, ``compiler_options``;
+* ``data`` -- what the round reads and keeps per client: ``ClientData``,
+  ``client_data_from_partition``, ``check_client_data``, ``init_store``;
+* ``cohort`` -- one round's clients as the program takes them: ``Cohort``, ``make_cohort``,
+  ``sample_cohort``;
+* ``placement`` -- device meshes: ``clients_mesh``, ``runs_mesh``, ``CLIENTS_AXIS``,
+  ``RUNS_AXIS``;
+* ``evaluation`` -- ``make_eval_fn``;
+* ``plan`` -- sizing: the ``auto_*`` heuristics (strategy, client chunk, client gradient,
+  runs vectorized, runs per program); ``memory_needed`` and the device's memory say whether
+  a run fits.
+
+The engine knows nothing about masks: everything method-specific is in the
+``FederatedAlgorithm`` it is given.
+"""
+
+from fedmask_jax.engine.cohort import ALL_STEPS, Cohort, make_cohort, sample_cohort
+from fedmask_jax.engine.config import CLIENT_GRADS, STRATEGIES, EngineConfig, compiler_options
+from fedmask_jax.engine.data import ClientData, check_client_data, client_data_from_partition, init_store
+from fedmask_jax.engine.evaluation import make_eval_fn
+from fedmask_jax.engine.placement import CLIENTS_AXIS, RUNS_AXIS, clients_mesh, runs_mesh
+from fedmask_jax.engine.plan import (auto_chunk_size, auto_client_grad, auto_runs_per_program,
+                                     auto_runs_vectorized, auto_strategy, cpu_cache_bytes,
+                                     device_memory_bytes, host_memory_bytes, memory_needed,
+                                     message_bytes)
+from fedmask_jax.engine.program import Collected, RoundFn, RoundOutput, make_round_fn
+
+__all__ = [
+    # the round program
+    "RoundFn", "make_round_fn", "RoundOutput", "Collected",
+    # what it is compiled with
+    "EngineConfig", "STRATEGIES", "CLIENT_GRADS", "compiler_options",
+    # its inputs
+    "ClientData", "client_data_from_partition", "check_client_data", "init_store",
+    "Cohort", "make_cohort", "ALL_STEPS", "sample_cohort",
+    # where it runs
+    "clients_mesh", "runs_mesh", "CLIENTS_AXIS", "RUNS_AXIS",
+    # evaluation
+    "make_eval_fn",
+    # sizing
+    "auto_strategy", "auto_chunk_size", "auto_client_grad", "auto_runs_per_program",
+    "auto_runs_vectorized", "cpu_cache_bytes", "host_memory_bytes", "device_memory_bytes",
+    "memory_needed", "message_bytes",
+]
