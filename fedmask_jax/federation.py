@@ -13,10 +13,11 @@ A run's federation has three settings (``RunConfig``):
   ``partial`` takes the floor(v_c * D * full steps) local steps they finished (a straggler
   that finished no step is dropped).
 
-The engine applies this through its cohort: a straggler's step budget masks the steps past it
-inside the compiled round (no recompilation), and a dropped client has weight 0. With every
-client available, at full speed and within the deadline (the defaults), the cohort is exactly
-the one sampled without these settings.
+The engine applies this through its cohort (``engine.make_cohort`` lays out the clients this
+module chooses; this module imports nothing of the engine): a straggler's step budget masks
+the steps past it inside the compiled round (no recompilation), and a dropped client has
+weight 0. With every client available, at full speed and within the deadline (the defaults),
+the cohort is exactly the one sampled without these settings.
 """
 
 from __future__ import annotations
@@ -28,11 +29,16 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from fedmask_jax import engine
-
 STRAGGLER_POLICIES = ("drop", "partial")
+ALL_STEPS = 2**30  # a step budget no client reaches: its full local work
 # Stream ids of the federation's random draws (beside the cohort's [seed, round]).
 _SPEEDS, _AVAILABLE, _PHASES = 0x5EED, 2, 0xD1A
+
+
+def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
+    """Uniform sampling without replacement, keyed by (seed, round) only."""
+    rng = np.random.default_rng([seed, round_index])
+    return np.sort(rng.choice(num_clients, size=k, replace=False)).astype(np.int32)
 
 
 def _numbers(text: str, what: str, count: int) -> list[float]:
@@ -181,7 +187,7 @@ class Federation:
         n, k = self.num_clients, self.clients_per_round
         fields: dict[str, int] = {}
         if self.available is None:
-            clients = engine.sample_cohort(self.seed, round_index, n, k)
+            clients = sample_cohort(self.seed, round_index, n, k)
         else:
             draw = np.random.default_rng([self.seed, round_index, _AVAILABLE]).random(n)
             pool = np.flatnonzero(draw < self.available(round_index)).astype(np.int32)
@@ -191,7 +197,7 @@ class Federation:
         if not self.heterogeneous:
             return RoundPlan(clients, None, None, fields)
         finishes = self.finishes[clients]
-        steps = np.where(finishes, engine.ALL_STEPS, self.budget[clients]).astype(np.int32)
+        steps = np.where(finishes, ALL_STEPS, self.budget[clients]).astype(np.int32)
         keep = finishes if self.policy == "drop" else (steps > 0)
         fields.update(clients_dropped=int((~keep).sum()),
                       clients_partial=int((keep & ~finishes).sum()))

@@ -66,14 +66,6 @@ def test_round_reduces_training_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_cohort_sampling_without_replacement_keyed_by_seed_and_round():
-    a = engine.sample_cohort(3, 5, 100, 30)
-    assert len(set(a.tolist())) == 30 and a.min() >= 0 and a.max() < 100
-    np.testing.assert_array_equal(a, engine.sample_cohort(3, 5, 100, 30))
-    assert not np.array_equal(a, engine.sample_cohort(3, 6, 100, 30))
-    assert not np.array_equal(a, engine.sample_cohort(4, 5, 100, 30))
-
-
 def test_make_cohort_marks_padding_and_picks_collected_positions():
     cohort = engine.make_cohort(np.array([4, 7, 9], np.int32), 2)
     assert cohort.ids.tolist() == [4, 7, 9, 0] and cohort.valid.tolist() == [1, 1, 1, 0]

@@ -42,9 +42,9 @@ def test_dropped_client_counts_for_nothing_and_partial_differs():
     alg = _fedavg()
     per_epoch = -(-len(parts[2]) // 64)
     without = run_round(alg, data, [0, 1], chunk=1)
-    dropped = run_round(alg, data, [0, 1, 2], chunk=1, steps=[engine.ALL_STEPS, engine.ALL_STEPS, 0],
+    dropped = run_round(alg, data, [0, 1, 2], chunk=1, steps=[federation.ALL_STEPS, federation.ALL_STEPS, 0],
                         valid=[1, 1, 0])
-    partial = run_round(alg, data, [0, 1, 2], chunk=1, steps=[engine.ALL_STEPS, engine.ALL_STEPS, per_epoch])
+    partial = run_round(alg, data, [0, 1, 2], chunk=1, steps=[federation.ALL_STEPS, federation.ALL_STEPS, per_epoch])
     full = run_round(alg, data, [0, 1, 2], chunk=1)
     np.testing.assert_allclose(np.asarray(jax.flatten_util.ravel_pytree(dropped.server.params)[0]),
                                np.asarray(jax.flatten_util.ravel_pytree(without.server.params)[0]), rtol=1e-6, atol=1e-7)
@@ -70,11 +70,19 @@ def _cfg(**kw):
 SIZES = np.full(20, 40)  # 4 steps an epoch, 8 in all
 
 
+def test_cohort_sampling_without_replacement_keyed_by_seed_and_round():
+    a = federation.sample_cohort(3, 5, 100, 30)
+    assert len(set(a.tolist())) == 30 and a.min() >= 0 and a.max() < 100
+    np.testing.assert_array_equal(a, federation.sample_cohort(3, 5, 100, 30))
+    assert not np.array_equal(a, federation.sample_cohort(3, 6, 100, 30))
+    assert not np.array_equal(a, federation.sample_cohort(4, 5, 100, 30))
+
+
 def test_defaults_give_todays_cohorts_and_full_work():
     fed = federation.build(_cfg(), SIZES)
     for r in range(5):
         plan = fed.plan(r)
-        np.testing.assert_array_equal(plan.clients, engine.sample_cohort(0, r, 20, 5))
+        np.testing.assert_array_equal(plan.clients, federation.sample_cohort(0, r, 20, 5))
         assert plan.steps is None and plan.valid is None and plan.fields == {}
     assert fed.uniform_sampling
 
@@ -86,7 +94,7 @@ def test_speeds_budgets_and_the_two_policies(tmp_path):
     assert partial.budget.tolist() == [4 if c % 2 == 0 else 8 for c in range(20)]  # half the speed, half the steps
     plan = partial.plan(3)
     slow = plan.clients % 2 == 0
-    assert plan.steps[slow].tolist() == [4] * slow.sum() and (plan.steps[~slow] == engine.ALL_STEPS).all()
+    assert plan.steps[slow].tolist() == [4] * slow.sum() and (plan.steps[~slow] == federation.ALL_STEPS).all()
     assert plan.valid.tolist() == [1.0] * 5
     assert plan.fields == {"clients_dropped": 0, "clients_partial": int(slow.sum())}
     drop = federation.build(_cfg(local_work=f"csv:{trace}", straggler_policy="drop"), SIZES).plan(3)

@@ -11,8 +11,9 @@ rest, like optax's ``_src``). One concern per module:
   ``CLIENT_GRADS``, ``compiler_options``;
 * ``data`` -- what the round reads and keeps per client: ``ClientData``,
   ``client_data_from_partition``, ``check_client_data``, ``init_store``;
-* ``cohort`` -- one round's clients as the program takes them: ``Cohort``, ``make_cohort``,
-  ``sample_cohort``;
+* ``cohort`` -- one round's clients as the program takes them: ``Cohort``, ``make_cohort``
+  (who takes part, and with what step budget, is the federation's: ``federation.sample_cohort``
+  and ``federation.ALL_STEPS``, named here too);
 * ``placement`` -- device meshes: ``clients_mesh``, ``runs_mesh``, ``CLIENTS_AXIS``,
   ``RUNS_AXIS``;
 * ``evaluation`` -- ``make_eval_fn``;
@@ -24,7 +25,7 @@ The engine knows nothing about masks: everything method-specific is in the
 ``FederatedAlgorithm`` it is given.
 """
 
-from fedmask_jax.engine.cohort import ALL_STEPS, Cohort, make_cohort, sample_cohort
+from fedmask_jax.engine.cohort import Cohort, make_cohort
 from fedmask_jax.engine.config import CLIENT_GRADS, STRATEGIES, EngineConfig, compiler_options
 from fedmask_jax.engine.data import ClientData, check_client_data, client_data_from_partition, init_store
 from fedmask_jax.engine.evaluation import make_eval_fn
@@ -34,6 +35,8 @@ from fedmask_jax.engine.plan import (auto_chunk_size, auto_client_grad, auto_run
                                      device_memory_bytes, host_memory_bytes, memory_needed,
                                      message_bytes)
 from fedmask_jax.engine.program import Collected, RoundFn, RoundOutput, make_round_fn
+# Who takes part is the federation's; named here too for the engine's callers.
+from fedmask_jax.federation import ALL_STEPS, sample_cohort
 
 __all__ = [
     # the round program

@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from fedmask_jax.federation import ALL_STEPS
+
 
 class Cohort(NamedTuple):
     """One round's clients, padded to a multiple of the chunk (times the devices).
@@ -17,22 +19,14 @@ class Cohort(NamedTuple):
     dropped stragglers) have ``valid`` 0 and count for nothing. ``collect[p]`` is the slot of
     cohort position ``p`` in ``RoundOutput.collected`` or, for positions whose messages are
     not collected, the number of slots (out of range). ``steps[p]``: the most local steps
-    (over all epochs) position ``p`` may take this round; ``ALL_STEPS`` for its full work.
+    (over all epochs) position ``p`` may take this round; ``ALL_STEPS`` (the federation's) for
+    its full work.
     """
 
     ids: Any  # [P] int32
     valid: Any  # [P] float32
     collect: Any  # [P] int32
     steps: Any  # [P] int32
-
-
-ALL_STEPS = 2**30  # a step budget no client reaches: its full local work
-
-
-def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
-    """Uniform sampling without replacement, keyed by (seed, round) only."""
-    rng = np.random.default_rng([seed, round_index])
-    return np.sort(rng.choice(num_clients, size=k, replace=False)).astype(np.int32)
 
 
 def make_cohort(clients: np.ndarray, multiple: int, collect: int = 0, seed: int = 0,
