@@ -158,7 +158,7 @@ def case_config(spec: dict, batch_size: int):
 def run_case(case: str) -> dict:
     import jax
 
-    from fedmask_jax import engine, experiment, flops
+    from fedmask_jax import engine, experiment, federation, flops
     from fedmask_jax.data import partition
 
     spec = parse_case(case)
@@ -173,7 +173,7 @@ def run_case(case: str) -> dict:
     parts, backend = exp.partition, jax.default_backend()
     server, store = exp.initial_state()
     compile_s = exp.round_fn.compile(server, store, exp.data, exp.cohort(0), exp.round_key(0))
-    compiled = getattr(exp.round_fn, "_compiled", None)  # the scan strategy's one program
+    compiled = exp.round_fn.compiled  # the scan strategy's one program
     conv_ops = conv_op_types(compiled.as_text()) if compiled is not None and exp.architecture.conv else None
     out = exp.round_fn(server, store, exp.data, exp.cohort(0), exp.round_key(0))  # warm-up
     jax.block_until_ready(out.metrics)
@@ -184,7 +184,7 @@ def run_case(case: str) -> dict:
         state[0], state[1] = out.server, out.store
         jax.block_until_ready(out.metrics)
 
-    examples_per_round = F.local_epochs * sum(len(parts[c]) for c in engine.sample_cohort(0, 1, spec["n"], spec["k"]))
+    examples_per_round = F.local_epochs * sum(len(parts[c]) for c in federation.sample_cohort(0, 1, spec["n"], spec["k"]))
     flops_ex = flops.train_flops_per_example(exp.architecture)  # analytic: the same on every backend
     jax_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rounds = {"jax": jax_round}
@@ -202,9 +202,9 @@ def run_case(case: str) -> dict:
                                      device=torch_device)
         xs = [(torch_fedpm.to_torch_input(ds.x_train[p]), torch.from_numpy(ds.y_train[p].astype(np.int64)))
               for p in parts]
-        fed.round(xs, engine.sample_cohort(0, 0, spec["n"], spec["k"]), F.local_epochs, batch)  # warm-up
+        fed.round(xs, federation.sample_cohort(0, 0, spec["n"], spec["k"]), F.local_epochs, batch)  # warm-up
         rounds["torch"] = lambda r: fed.round(
-            xs, engine.sample_cohort(0, r, spec["n"], spec["k"]), F.local_epochs, batch)
+            xs, federation.sample_cohort(0, r, spec["n"], spec["k"]), F.local_epochs, batch)
 
     times = time_rounds(**rounds)
     jax_times, torch_times = times["jax"], times.get("torch")

@@ -399,6 +399,12 @@ class RoundFn:
             self._program = stages
         self._compiled = None
 
+    @property
+    def compiled(self):
+        """The scan strategy's one program once ``compile`` made it (``jax.stages.Compiled``:
+        its HLO text, its cost); None before, and for the host loop's many small programs."""
+        return self._compiled if self.strategy == "scan" else None
+
     def compile(self, server, store, data, cohort: Cohort, key) -> float:
         t0 = time.perf_counter()
         if self.strategy == "scan":
