@@ -5,7 +5,7 @@
 Started by ``experiments.sweep`` for each group of points with one ``shape_key``. The file
 lists each point's experiments.run arguments and workdir; the points run in batches of at
 most ``max_runs_per_program`` (0: as many as fit the device memory budget, see
-``engine.auto_runs_per_program``), each batch one compiled program with a leading runs axis,
+``engine.plan_execution``), each batch one compiled program with a leading runs axis,
 one batch after another in this process. Every point writes into its own workdir what
 experiments.run writes there (console lines go to its sweep_log.txt); a batch keeps its
 checkpoints in ``<batches_dir>/<batch id>`` and resumes from them.
@@ -48,6 +48,8 @@ def batches(cfgs, max_runs: int) -> list[list[int]]:
 
 
 def runs_per_program(cfgs, dataset, requested: int) -> int:
+    """How many of ``cfgs`` one program holds here (``engine.plan_execution``; 0: they run one
+    at a time); ``requested``: the sweep's --max_runs_per_program (0: as many as fit)."""
     import jax
 
     from fedmask_jax import engine, models
@@ -56,17 +58,13 @@ def runs_per_program(cfgs, dataset, requested: int) -> int:
     cfg = cfgs[0]
     arch = models.Architecture(cfg.model, dataset.num_classes, dataset.input_shape, cfg.width,
                                tuple(cfg.mlp_hidden))
-    backend = jax.default_backend()
-    strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(conv=arch.conv, backend=backend)
-    if strategy != "scan":
-        return 0
-    if requested:
-        return requested
+    # Sized by the model's variables (a masked model's scores and frozen weights), as before
+    # the plan was shared; build sizes a run by its method's entries (algorithm.num_params).
     num_params = models.count_entries(jax.eval_shape(
         arch.build(masked=registry.spec(cfg.algorithm).masked).init, jax.random.key(0), arch.sample_input()))
-    chunk = cfg.client_chunk_size or engine.auto_chunk_size(cfg.clients_per_round, num_params,
-                                                            conv=arch.conv, backend=backend)
-    return engine.auto_runs_per_program(len(cfgs), num_params, chunk, backend=backend)
+    plan = engine.plan_execution(cfg, runs=len(cfgs), num_params=num_params, conv=arch.conv,
+                                 max_runs_per_program=requested)
+    return plan.runs_per_program
 
 
 def main(argv):

@@ -1,12 +1,12 @@
 """Build: settings become everything a run needs, and nothing is written anywhere.
 
-``build(cfg)`` loads and splits the data, builds the model and the method, chooses the
-execution strategy and client chunk, makes the round and evaluation functions and the
-method's host hooks. ``build([cfg, ...])`` does the same for several runs that share every
-shape (``shape_key``): one compiled program trains them all, vmapped over a leading runs
-axis, each with its own seed, data split, initial state, cohorts, keys and the hyperparameters
-its method reads as values. ``experiments.run`` (through ``simulation.run``), the benchmark and
-the sweep all start from it.
+``build(cfg)`` loads and splits the data, builds the model and the method, takes the
+execution strategy and client chunk from ``engine.plan_execution``, makes the round and
+evaluation functions and the method's host hooks. ``build([cfg, ...])`` does the same for
+several runs that share every shape (``shape_key``): one compiled program trains them all,
+vmapped over a leading runs axis, each with its own seed, data split, initial state, cohorts,
+keys and the hyperparameters its method reads as values. ``experiments.run`` (through
+``simulation.run``), the benchmark and the sweep all start from it.
 """
 
 from __future__ import annotations
@@ -288,25 +288,17 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
     backend = jax.default_backend()
     conv.set_cpu_kernel(cfg.cpu_conv)  # read when the round and evaluation are traced
     conv.set_conv_precision(cfg.conv_precision)
-    strategy = cfg.strategy if cfg.strategy != "auto" else engine.auto_strategy(conv=arch.conv, backend=backend)
+    plan = engine.plan_execution(cfg, runs=len(cfgs), num_params=algorithms[0].num_params, conv=arch.conv,
+                                 backend=backend, separable_step=algorithms[0].separable_step)
+    strategy = plan.strategy
     if len(cfgs) > 1 and strategy != "scan":
         raise ValueError(f"runs share one program only with --strategy=scan (this one is {strategy}); "
                          "run them one at a time")
-    # Each run is chunked as it would be alone, so that it computes the same sums.
-    chunk = cfg.client_chunk_size or engine.auto_chunk_size(
-        cfg.clients_per_round, algorithms[0].num_params, conv=arch.conv, backend=backend)
-    runs_vectorized = cfg.runs_vectorized or engine.auto_runs_vectorized(
-        len(cfgs), algorithms[0].num_params, chunk, backend=backend)
-    client_grad = cfg.client_grad
-    if client_grad == "auto":
-        client_grad = engine.auto_client_grad(conv=arch.conv, chunk=chunk, backend=backend)
-        if not algorithms[0].separable_step:
-            client_grad = "per_client"
-    engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, chunk,
-                                        client_grad=client_grad,
+    engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, plan.client_chunk_size,
+                                        client_grad=plan.client_grad,
                                         cpu_ynn_fusions=cfg.cpu_ynn_fusions,
                                         collect=max([h.collect for h in hooks[0]], default=0),
-                                        runs_vectorized=min(runs_vectorized, len(cfgs)))
+                                        runs_vectorized=plan.runs_vectorized)
     if len(cfgs) > 1:
         mesh = engine.runs_mesh(len(cfgs), cfg.num_devices)
     else:  # the host loop drives one device; the scanned round shards clients over the mesh

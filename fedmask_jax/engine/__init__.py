@@ -17,9 +17,10 @@ rest, like optax's ``_src``). One concern per module:
 * ``placement`` -- device meshes: ``clients_mesh``, ``runs_mesh``, ``CLIENTS_AXIS``,
   ``RUNS_AXIS``;
 * ``evaluation`` -- ``make_eval_fn``;
-* ``plan`` -- sizing: the ``auto_*`` heuristics (strategy, client chunk, client gradient,
-  runs vectorized, runs per program); ``memory_needed`` and the device's memory say whether
-  a run fits.
+* ``plan`` -- sizing: ``plan_execution`` decides once how runs execute here
+  (``ExecutionPlan``: strategy, client chunk, client gradient, runs vectorized, runs per
+  program) from the ``auto_*`` heuristics it combines (public for what calls one alone);
+  ``memory_needed`` and the device's memory say whether a run fits.
 
 The engine knows nothing about masks: everything method-specific is in the
 ``FederatedAlgorithm`` it is given.
@@ -30,10 +31,10 @@ from fedmask_jax.engine.config import CLIENT_GRADS, STRATEGIES, EngineConfig, co
 from fedmask_jax.engine.data import ClientData, check_client_data, client_data_from_partition, init_store
 from fedmask_jax.engine.evaluation import make_eval_fn
 from fedmask_jax.engine.placement import CLIENTS_AXIS, RUNS_AXIS, clients_mesh, runs_mesh
-from fedmask_jax.engine.plan import (auto_chunk_size, auto_client_grad, auto_runs_per_program,
-                                     auto_runs_vectorized, auto_strategy, cpu_cache_bytes,
-                                     device_memory_bytes, host_memory_bytes, memory_needed,
-                                     message_bytes)
+from fedmask_jax.engine.plan import (ExecutionPlan, ExecutionSettings, auto_chunk_size, auto_client_grad,
+                                     auto_runs_per_program, auto_runs_vectorized, auto_strategy,
+                                     cpu_cache_bytes, device_memory_bytes, host_memory_bytes,
+                                     memory_needed, message_bytes, plan_execution)
 from fedmask_jax.engine.program import Collected, RoundFn, RoundOutput, make_round_fn
 # Who takes part is the federation's; named here too for the engine's callers.
 from fedmask_jax.federation import ALL_STEPS, sample_cohort
@@ -51,6 +52,7 @@ __all__ = [
     # evaluation
     "make_eval_fn",
     # sizing
+    "plan_execution", "ExecutionPlan", "ExecutionSettings",
     "auto_strategy", "auto_chunk_size", "auto_client_grad", "auto_runs_per_program",
     "auto_runs_vectorized", "cpu_cache_bytes", "host_memory_bytes", "device_memory_bytes",
     "memory_needed", "message_bytes",

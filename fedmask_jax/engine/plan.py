@@ -1,10 +1,17 @@
-"""Sizing: how a run is executed on this backend (strategy, client chunk, how a chunk's
-gradients are taken, how many runs share a program and are vmapped together) and what its
-arrays take on the device, from shapes alone."""
+"""Sizing: how a run is executed on this backend and what its arrays take on the device.
+
+``plan_execution`` makes every execution decision once (``ExecutionPlan``: strategy, client
+chunk, how a chunk's gradients are taken, runs vmapped together, runs per program), from the
+run's settings (``auto`` or 0 for the engine's choice) and the ``auto_*`` heuristics below;
+``experiment.build``, ``experiments.run_batch`` and the benchmark (through build) all take
+their decisions from it. ``memory_needed`` says, from shapes alone, what a run's arrays take.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -142,3 +149,57 @@ def auto_chunk_size(cohort_size: int, num_params: int, *, conv: bool, backend: s
     best = divisors[0]
     # A divisor much smaller than the limit wastes parallelism; padding is cheaper then.
     return best if best * 2 >= limit else limit
+
+
+class ExecutionSettings(Protocol):
+    """The run settings a plan reads (``RunConfig`` has them): ``auto`` or 0 leaves the
+    decision to the engine."""
+
+    strategy: str  # "auto" or one of STRATEGIES
+    client_chunk_size: int  # 0: auto_chunk_size
+    client_grad: str  # "auto" or one of CLIENT_GRADS
+    runs_vectorized: int  # 0: auto_runs_vectorized
+    clients_per_round: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionPlan:
+    """How runs execute here, decided once by ``plan_execution``."""
+
+    strategy: str  # one of STRATEGIES
+    client_chunk_size: int  # clients vmapped together (EngineConfig.client_chunk_size)
+    client_grad: str  # one of CLIENT_GRADS (EngineConfig.client_grad)
+    runs_vectorized: int  # of the planned runs in one program, how many are vmapped together
+    runs_per_program: int  # how many runs one program may hold; 0: none share one (host_loop)
+
+
+def plan_execution(settings: ExecutionSettings, *, runs: int, num_params: int, conv: bool,
+                   backend: str | None = None, separable_step: bool = True,
+                   max_runs_per_program: int = 0) -> ExecutionPlan:
+    """Every execution decision for ``runs`` runs of ``settings`` (the runs share every
+    shape; one run: ``runs=1``) of a model with ``num_params`` entries per client working set
+    (``conv``: it has convolutions) on ``backend`` (default: JAX's). ``separable_step``: the
+    method's ``FederatedAlgorithm.separable_step`` (only the client gradient reads it).
+
+    * strategy: the setting, or ``auto_strategy``;
+    * client chunk: the setting, or ``auto_chunk_size`` for ``clients_per_round`` -- each run
+      is chunked as it would be alone, so that it computes the same sums;
+    * client gradient: the setting, or ``auto_client_grad`` for that chunk, ``per_client``
+      when the method's step is not ``separable_step``;
+    * runs vectorized: the setting, or ``auto_runs_vectorized``, at most ``runs``;
+    * runs per program: 0 unless the strategy is ``scan`` (runs share only a scanned program);
+      then ``max_runs_per_program``, or ``auto_runs_per_program`` (at most ``runs``).
+    """
+    backend = backend or jax.default_backend()
+    strategy = settings.strategy if settings.strategy != "auto" else auto_strategy(conv=conv, backend=backend)
+    chunk = settings.client_chunk_size or auto_chunk_size(settings.clients_per_round, num_params,
+                                                          conv=conv, backend=backend)
+    client_grad = settings.client_grad
+    if client_grad == "auto":
+        client_grad = auto_client_grad(conv=conv, chunk=chunk, backend=backend) if separable_step else "per_client"
+    vectorized = settings.runs_vectorized or auto_runs_vectorized(runs, num_params, chunk, backend=backend)
+    if strategy != "scan":
+        per_program = 0
+    else:
+        per_program = max_runs_per_program or auto_runs_per_program(runs, num_params, chunk, backend=backend)
+    return ExecutionPlan(strategy, chunk, client_grad, min(vectorized, runs), per_program)
