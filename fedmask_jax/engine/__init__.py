@@ -1,8 +1,8 @@
 """The round engine: one round trains a whole cohort and aggregates it.
 
-This module is the engine's public surface: what ``fedmask_jax`` (build, the loop, the
-federation's cohorts) and ``experiments/`` use, and nothing else (the modules below hold the
-rest, like optax's ``_src``). One concern per module:
+This module is the engine's public surface: what the rest of ``fedmask_jax`` (build, the run
+settings) and ``experiments/`` use, and nothing else (the modules below hold the rest, like
+optax's public ``__init__`` over ``_src``). One concern per module:
 
 * ``program`` -- the round program: its orchestration written once over client stages, run by
   an injected loop (one jitted program, or Python over jitted stages); ``RoundFn``,
