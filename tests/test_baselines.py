@@ -89,7 +89,7 @@ def test_majority_vote_is_the_sign_of_the_summed_signs():
     alg = _build("signsgd")
     server = alg.server_init(jax.random.key(0))
     votes = jnp.asarray(np.random.default_rng(0).choice([-3.0, -1.0, 1.0, 3.0], N))
-    new = alg.server_update(server, votes, jnp.float32(3))
+    new = alg.server_update(server, (votes, ()), jnp.float32(3))  # (decoded sum, the vote's side sum)
     flat = lambda p: jax.flatten_util.ravel_pytree(p)[0]  # noqa: E731
     np.testing.assert_allclose(np.asarray(flat(new.params) - flat(server.params)),
                                0.01 * np.sign(np.asarray(votes)), rtol=1e-4, atol=1e-7)

@@ -53,7 +53,7 @@ def test_clipping_bounds_each_clients_contribution():
 def test_noise_on_the_sum_has_std_noise_multiplier_times_clip():
     alg = _dp_fedavg(dp_clip=0.5, dp_noise_multiplier=2.0, server_lr=1.0)
     server = alg.server_init(jax.random.key(1))
-    zeros = (jnp.zeros(alg.num_params), jnp.float32(1.0))
+    zeros = (jnp.zeros(alg.num_params), (jnp.float32(1.0), ()))  # decoded sum, (unclipped, mean)
     new = alg.server_update(server, zeros, jnp.float32(1.0))
     noise = -(_flat(new.params) - _flat(server.params))  # server lr 1: params - (noise / 1)
     assert abs(noise.std() - 1.0) < 4 * 1.0 / math.sqrt(2 * alg.num_params)
@@ -64,8 +64,9 @@ def test_adaptive_clip_follows_the_geometric_rule():
     alg = _dp_fedavg(dp_clip=1.0, dp_clip_quantile=0.5, dp_clip_lr=0.2)
     server = alg.server_init(jax.random.key(1))
     # 3 of 4 clients unclipped: clip * exp(-0.2 * (3/4 - 0.5)); no noise on the count.
-    new = alg.server_update(server, (jnp.zeros(alg.num_params), jnp.float32(3.0)), jnp.float32(4.0))
-    assert float(new.clip) == pytest.approx(math.exp(-0.2 * 0.25), rel=1e-6)
+    new = alg.server_update(server, (jnp.zeros(alg.num_params), (jnp.float32(3.0), ())),
+                            jnp.float32(4.0))
+    assert float(new.aggregation.clip) == pytest.approx(math.exp(-0.2 * 0.25), rel=1e-6)
     cfg = registry.method_config("fedavg", dp_clip=1.0, dp_clip_quantile=0.5, dp_noise_multiplier=0.8,
                                  dp_count_stddev=1.0)
     assert cfg.update_noise_multiplier == pytest.approx((0.8 ** -2 - 2.0 ** -2) ** -0.5)

@@ -6,13 +6,14 @@ SGD or Adam), then send their model update Delta = w_local - w_global through a
 without error feedback). The server averages what it decodes -- or, for SignSGD, takes the
 majority vote sign(sum of signs) -- and hands the negated aggregate as a pseudo-gradient to
 an optax server optimizer (SGD with learning rate 1 is plain FedAvg; Reddi et al. 2021 for
-the adaptive ones).
+the adaptive ones). How the decoded updates are combined is an ``Aggregation``
+(``aggregations.py``); DP-FedAvg is FedAvg with its mean wrapped in clipping and noise.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import chex
 import flax.linen as nn
@@ -22,7 +23,9 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from fedmask_jax import models, privacy
+from fedmask_jax.algorithms import aggregations as A
 from fedmask_jax.algorithms import compressors as C
+from fedmask_jax.algorithms.aggregations import Aggregation
 from fedmask_jax.algorithms.base import (Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree,
                                          client_lr_setting, gradient_step)
 from fedmask_jax.algorithms.compressors import Compressor
@@ -30,8 +33,7 @@ from fedmask_jax.config import check, setting
 from fedmask_jax.models import count_entries
 
 OPTIMIZERS = ("sgd", "sgdm", "adam")
-DP_NOISE_STREAM = 0xD9  # the server's DP noise: fold_in(fold_in(server key, round), this)
-AGGREGATIONS = ("mean", "majority_vote")
+AGGREGATIONS = tuple(A.PLAIN)
 
 
 def _power_of_two(value: int) -> str | None:
@@ -163,7 +165,7 @@ class FedAvgServerState(NamedTuple):
     round: jax.Array
     key: jax.Array
     hp: FedAvgHyper
-    clip: jax.Array  # DP-FedAvg's clip norm this round (0: no clipping)
+    aggregation: Any  # the aggregation's state (DP-FedAvg: the clip norm)
 
 
 class FedAvgClientState(NamedTuple):
@@ -176,12 +178,14 @@ def init_dense_params(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> 
 
 
 def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig,
-                      compressor: Compressor, name: str = "fedavg") -> FederatedAlgorithm:
-    """Builds the method for a dense Flax ``model`` with ``compressor`` on the uplink; a
-    ``FedAvgConfig`` with ``dp_clip`` set makes it DP-FedAvg: each update clipped to the clip
-    norm, Gaussian noise on their sum (``dp_noise_multiplier`` x clip), the clip norm adapted
-    to a quantile of the update norms with ``dp_clip_quantile``."""
-    dp = config if isinstance(config, FedAvgConfig) and config.dp_clip > 0 else None
+                      compressor: Compressor, aggregation: Aggregation | None = None,
+                      name: str = "fedavg") -> FederatedAlgorithm:
+    """Builds the method for a dense Flax ``model`` with ``compressor`` on the uplink and
+    ``aggregation`` combining the decoded updates (by default the plain one
+    ``config.aggregation`` names)."""
+    if aggregation is None:
+        aggregation = plain_aggregation(config)
+
     def client_opt(hp: FedAvgHyper):
         return make_optimizer(config.client_optimizer, hp.client_lr, hp.client_momentum)
 
@@ -200,8 +204,7 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig
         params = init_dense_params(model, sample_x, key)
         hp = initial_hp()
         return FedAvgServerState(params, server_opt(hp).init(params), jnp.zeros((), jnp.int32),
-                                 jax.random.fold_in(key, 1), hp,
-                                 jnp.float32(dp.dp_clip if dp else 0.0))
+                                 jax.random.fold_in(key, 1), hp, aggregation.init())
 
     def persistent_init():
         return compressor.init(num_params)
@@ -228,47 +231,26 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig
     def client_finish(server, state: FedAvgClientState, persistent, num_examples, key):
         delta = ravel_pytree(state.params)[0] - ravel_pytree(server.params)[0]
         norm = jnp.linalg.norm(delta)
-        metrics = {"update_norm": norm}
-        if dp:
-            unclipped = (norm <= server.clip).astype(jnp.float32)
-            delta = delta * jnp.minimum(1.0, server.clip / jnp.maximum(norm, 1e-30))
-            metrics.update(dp_clip_norm=server.clip, clipped_fraction=1.0 - unclipped)
+        delta, side, metrics = aggregation.client(delta, norm, server.aggregation)
+        metrics = {"update_norm": norm, **metrics}
         message, persistent = compressor.encode(delta, persistent, key)
         # The server's reconstruction, from the message and the shared key only.
         decoded = compressor.decode(message, key)
         metrics.update(uplink_bpp=compressor.bits(message) / num_params,
                        downlink_bpp=jnp.float32(32.0))  # the global weights as float32
-        return ClientResult((decoded, unclipped) if dp else decoded, persistent, metrics)
+        return ClientResult((decoded, side), persistent, metrics)
 
     def server_update(server: FedAvgServerState, contribution_sum, num_clients):
-        if dp:
-            decoded_sum, unclipped_count = contribution_sum
-            decoded_sum, clip = _private_sum(server, decoded_sum, unclipped_count, num_clients)
-        else:
-            decoded_sum, clip = contribution_sum, server.clip
+        decoded_sum, side_sum = contribution_sum
         chex.assert_shape(decoded_sum, (num_params,))
-        if config.aggregation == "majority_vote":
-            aggregate = jnp.sign(decoded_sum)
-        else:
-            aggregate = decoded_sum / num_clients
+        round_key = jax.random.fold_in(server.key, server.round)
+        aggregate, aggregation_state = aggregation.server(decoded_sum, side_sum, server.aggregation,
+                                                          round_key, num_clients)
         pseudo_grad = unravel(-aggregate)
         updates, opt_state = server_opt(server.hp).update(pseudo_grad, server.opt_state, server.params)
         return server._replace(params=optax.apply_updates(server.params, updates),
-                               opt_state=opt_state, round=server.round + 1, clip=clip)
-
-    def _private_sum(server: FedAvgServerState, decoded_sum, unclipped_count, num_clients):
-        """The clipped updates' sum with Gaussian noise, and the next round's clip norm."""
-        key = jax.random.fold_in(jax.random.fold_in(server.key, server.round), DP_NOISE_STREAM)
-        k_sum, k_count = jax.random.split(key)
-        std = dp.update_noise_multiplier * server.clip
-        noised = decoded_sum + std * jax.random.normal(k_sum, decoded_sum.shape, decoded_sum.dtype)
-        clip = server.clip
-        if dp.dp_clip_quantile > 0:  # geometric update towards the target quantile
-            count = unclipped_count
-            if dp.dp_noise_multiplier > 0:
-                count = count + dp.dp_count_stddev * jax.random.normal(k_count, ())
-            clip = clip * jnp.exp(-dp.dp_clip_lr * (count / num_clients - dp.dp_clip_quantile))
-        return noised, clip
+                               opt_state=opt_state, round=server.round + 1,
+                               aggregation=aggregation_state)
 
     def evaluate(server: FedAvgServerState, batch: Batch, key):
         logits = model.apply({"params": server.params}, batch.x)
@@ -293,26 +275,47 @@ def layer_sizes(model: nn.Module, sample_x: jax.Array) -> list[int]:
     return [int(s.size) for s in jax.tree.leaves(shapes)]
 
 
-def _dense(compressor_for: Callable[[DenseConfig, int, list[int]], Compressor], name: str):
-    """Builder of a dense method: FedAvg with ``compressor_for(config, n, layer sizes)``."""
+def plain_aggregation(config: DenseConfig) -> Aggregation:
+    return A.PLAIN[config.aggregation]()
+
+
+def fedavg_aggregation(config: FedAvgConfig) -> Aggregation:
+    """The mean, wrapped in DP-FedAvg's clipping and noise when ``dp_clip`` is set: each
+    update clipped to the clip norm, Gaussian noise on their sum (``dp_noise_multiplier`` x
+    clip, less the count's share with adaptive clipping), the clip norm adapted to a quantile
+    of the update norms with ``dp_clip_quantile``."""
+    inner = plain_aggregation(config)
+    if config.dp_clip == 0:
+        return inner
+    return A.differentially_private(inner, config.dp_clip, config.update_noise_multiplier,
+                                    count_noise=config.dp_noise_multiplier > 0,
+                                    clip_quantile=config.dp_clip_quantile, clip_lr=config.dp_clip_lr,
+                                    count_stddev=config.dp_count_stddev)
+
+
+def _dense(compressor_for: Callable[[DenseConfig, int, list[int]], Compressor],
+           aggregation_for: Callable[[DenseConfig], Aggregation], name: str):
+    """Builder of a dense method: FedAvg with ``compressor_for(config, n, layer sizes)`` on
+    the uplink and ``aggregation_for(config)`` on the server."""
 
     def build(arch: models.Architecture, config: DenseConfig) -> FederatedAlgorithm:
         model, sample_x = arch.build(masked=False), arch.sample_input()
         segments = layer_sizes(model, sample_x)
         return compressed_fedavg(model, sample_x, config, compressor_for(config, sum(segments), segments),
-                                 name=name)
+                                 aggregation_for(config), name=name)
 
     return build
 
 
-def _spec(name: str, description: str, config: type, compressor_for) -> MethodSpec:
-    return MethodSpec(name, description, config, _dense(compressor_for, name), masked=False,
-                      host_hooks=privacy.accountant_hooks)
+def _spec(name: str, description: str, config: type, compressor_for,
+          aggregation_for=plain_aggregation) -> MethodSpec:
+    return MethodSpec(name, description, config, _dense(compressor_for, aggregation_for, name),
+                      masked=False, host_hooks=privacy.accountant_hooks)
 
 
 SPECS = (
     _spec("fedavg", "FedAvg: the model update as 32-bit floats", FedAvgConfig,
-          lambda c, n, seg: C.identity()),
+          lambda c, n, seg: C.identity(), fedavg_aggregation),
     _spec("signsgd", "SignSGD, majority vote: sign of the update (1 bit per parameter)", SignSGDConfig,
           lambda c, n, seg: C.sign()),
     _spec("ef_signsgd", "EF-SignSGD: per-layer scaled signs with error feedback", DenseConfig,
