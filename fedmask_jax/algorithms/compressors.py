@@ -17,6 +17,9 @@ message itself, never from the update it came from.
 2018; Karimireddy et al. 2019): the client compresses ``update + memory`` and keeps what the
 message failed to carry.
 
+Arguments are not checked here: the method configs (``fedavg.py``) bound every setting a
+compressor takes, and report a bad one by its flag before anything is built.
+
 Layers: some methods scale per layer. Their constructor takes ``segments``, the sizes of the
 layers in the flat vector's order (``jax.tree.leaves`` order of the parameter tree).
 """
@@ -92,9 +95,7 @@ def scaled_sign(segments: Sequence[int]) -> Compressor:
 
 def top_k(fraction: float, num_params: int) -> Compressor:
     """The k = ceil(fraction * n) largest-magnitude entries: k values (32 bits) and k
-    positions (ceil(log2 n) bits each)."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--topk_fraction must be in (0, 1], got {fraction}")
+    positions (ceil(log2 n) bits each); ``fraction`` in (0, 1]."""
     k = max(1, math.ceil(fraction * num_params))
     position_bits = max(1, math.ceil(math.log2(num_params)))
 
@@ -134,12 +135,9 @@ def qsgd(levels: int, bucket: int, num_params: int) -> Compressor:
     Each bucket of ``bucket`` entries is scaled by its L2 norm and stochastically rounded to
     {0, 1/s, ..., 1}. Bits are those of the paper's Code_s, counted on the actual message:
     32 bits per bucket norm, then for each non-zero entry the Elias code of its distance to
-    the previous non-zero, one sign bit and the Elias code of its level.
+    the previous non-zero, one sign bit and the Elias code of its level. ``levels`` and
+    ``bucket`` >= 1.
     """
-    if levels < 1:
-        raise ValueError(f"--qsgd_levels must be >= 1, got {levels}")
-    if bucket < 1:
-        raise ValueError(f"--qsgd_bucket must be >= 1, got {bucket}")
     nb = -(-num_params // bucket)
     pad = nb * bucket - num_params
 
@@ -209,11 +207,9 @@ class _Rotation(NamedTuple):
     diagonals: Callable[[jax.Array], list[jax.Array]]  # shared key -> random signs per group
 
 
-def _rotation(chunk: int, num_params: int, flag: str) -> _Rotation:
-    """Chunks of ``chunk`` entries; the entries left over after the full chunks form one
-    last chunk, zero-padded to the next power of 2."""
-    if chunk < 2 or chunk & (chunk - 1):
-        raise ValueError(f"{flag} must be a power of 2 >= 2, got {chunk}")
+def _rotation(chunk: int, num_params: int) -> _Rotation:
+    """Chunks of ``chunk`` entries (a power of 2 >= 2); the entries left over after the full
+    chunks form one last chunk, zero-padded to the next power of 2."""
     full, tail = divmod(num_params, chunk)
     tail_size = 1 << max(1, math.ceil(math.log2(tail))) if tail else 0
     groups = [(n, d) for n, d in ((full, chunk), (1 if tail else 0, tail_size)) if n]
@@ -251,11 +247,10 @@ def eden(bits: int, chunk: int, num_params: int) -> Compressor:
     nearest of the 2^bits Lloyd-Max centroids of N(0, 1); the client sends the centroid
     indices and the scale S = ||x||^2 / <y, q> (q: the chosen centroids), which makes the
     estimate unbiased over the rotation; the server returns S * D H q / sqrt(d). At one bit
-    the centroids are +-c and this is DRIVE. Bits: ``bits`` per rotated entry plus 32 per scale.
+    the centroids are +-c and this is DRIVE. Bits: ``bits`` (1 to 8) per rotated entry plus 32
+    per scale.
     """
-    if not 1 <= bits <= 8:
-        raise ValueError(f"--eden_bits must be between 1 and 8, got {bits}")
-    rot = _rotation(chunk, num_params, "--eden_chunk")
+    rot = _rotation(chunk, num_params)
     centroids = lloyd_max_normal(2 ** bits)
     table = jnp.asarray(centroids, jnp.float32)
     boundaries = jnp.asarray((centroids[1:] + centroids[:-1]) / 2, jnp.float32)
@@ -293,7 +288,7 @@ def drive(chunk: int, num_params: int) -> Compressor:
     S * D H sign(y) / sqrt(d). The entries left over after the full chunks form one last
     chunk, zero-padded to the next power of 2. Bits: one per rotated entry plus 32 per scale.
     """
-    rot = _rotation(chunk, num_params, "--drive_chunk")
+    rot = _rotation(chunk, num_params)
 
     def encode(u, key):
         signs, scales = [], []
