@@ -11,8 +11,10 @@ means, majority votes) is such a sum, and summing keeps memory bounded by the ch
 clients trained at once rather than by the cohort.
 
 A method is registered as a ``MethodSpec``: its config dataclass (which is also its set of
-command-line flags), a builder of the algorithm, and the ``HostHook``s it needs on the host
-(the run loop calls them without knowing what they do).
+command-line flags), a builder of the algorithm, the ``HostHook``s it needs on the host
+(the run loop calls them without knowing what they do), and the fields of its records that
+the console, plots and tables show (``shows.Shows``; the sinks read it without knowing the
+method).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
+from fedmask_jax.algorithms.shows import Shows
 from fedmask_jax.config import setting
 
 PyTree = Any
@@ -185,3 +188,4 @@ class MethodSpec:
     build: Callable[[Any, Any], FederatedAlgorithm]  # (models.Architecture, config) ->
     masked: bool  # trains masks over frozen weights (else dense weights)
     host_hooks: Callable[[HostContext], Sequence[HostHook]] = lambda ctx: ()
+    shows: Shows = Shows()  # its fields beyond every run's (default: none, as a plain dense method)

@@ -22,6 +22,7 @@ from fedmask_jax import coding, masking, models, privacy
 from fedmask_jax.algorithms import fedpm_host
 from fedmask_jax.algorithms.base import (Batch, ClientResult, FederatedAlgorithm, MethodSpec, PyTree,
                                          client_lr_setting, gradient_step)
+from fedmask_jax.algorithms.shows import CodedUplink, Column, SecondAccuracy, Shows
 from fedmask_jax.config import check, setting
 
 
@@ -478,16 +479,35 @@ def _host_hooks(ctx):
     return [*fedpm_host.hooks(ctx), *privacy.accountant_hooks(ctx)]
 
 
+# What a mask method's runs show: the thresholded model's accuracy beside the sampled one's,
+# the masks coded with theta_g as the prior (checked by the host's range coder), the density.
+SHOWS = Shows(
+    columns=(Column("uplink_bpp_coded_prior", "coded", "{uplink_bpp_coded_global:.3f}/{:.3f}"),
+             Column("verified_clients", "checked"),
+             Column("mask_density", "density", "{:.3f}")),
+    accuracy_also=SecondAccuracy("test_accuracy_thresholded", console="thr", summary="thresholded",
+                                 curve="θ>0.5", first_curve="sampled mask"),
+    coded_uplink=CodedUplink("cumulative_uplink_bits_coded_prior", "mean_uplink_bpp_coded_prior",
+                             header="coded uplink bpp (θ_g prior)", curve="θ_g-coded",
+                             also=("mean_uplink_bpp_coded_global",)),
+    summary=(("final_model_bpp", ", final model {:.4f} bpp"),
+             ("final_model_file_bpp", " (file {:.4f} bpp)"),
+             ("mean_uplink_bpp_coded_prior",
+              ", coded uplink {mean_uplink_bpp_coded_global:.4f} bpp global / {:.4f} bpp with theta_g"),
+             ("mean_uplink_bpp_measured_prior", " (range coder: {:.4f} on {verified_clients_total} masks)")),
+    results=("final_model_file_bpp",),
+)
+
 SPECS = (
     MethodSpec("fedpm", "FedPM: one sampled binary mask (< 1 bit per parameter after entropy coding)",
                FedPMConfig, lambda arch, cfg: fedpm(_masked_model(arch, cfg), arch.sample_input(), cfg),
-               masked=True, host_hooks=_host_hooks),
+               masked=True, host_hooks=_host_hooks, shows=SHOWS),
     MethodSpec("fedmask", "FedMask-style: the deterministic mask 1[sigmoid(s) > 0.5]",
                FedPMConfig, lambda arch, cfg: fedmask(_masked_model(arch, cfg), arch.sample_input(), cfg),
-               masked=True, host_hooks=_host_hooks),
+               masked=True, host_hooks=_host_hooks, shows=SHOWS),
     MethodSpec("klms", "FedPM-KLMS: per block of mask entries, the index of one of 2^b candidates "
                "drawn from theta_g with shared randomness (importance-sampled by q/p)",
                KLMSConfig, lambda arch, cfg: fedpm(_masked_model(arch, cfg), arch.sample_input(), cfg,
                                                   name="klms"),
-               masked=True, host_hooks=_host_hooks),
+               masked=True, host_hooks=_host_hooks, shows=SHOWS),
 )

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedmask_jax.algorithms import fedavg, fedpm
 from fedmask_jax.algorithms.base import FederatedAlgorithm, MethodSpec
+from fedmask_jax.algorithms.shows import Shows
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (*fedpm.SPECS, *fedavg.SPECS)}
 
@@ -52,3 +53,15 @@ def method_flag_names() -> set[str]:
     from fedmask_jax.config import flag_fields
 
     return {"algorithm"} | {f.name for s in METHODS.values() for f in flag_fields(s.config)}
+
+
+def shows_of(name: str | None) -> Shows:
+    """The fields method ``name`` declares; a name no longer registered (a run folder of an
+    older version) shows only the fields every run has."""
+    return METHODS[name].shows if name in METHODS else Shows()
+
+
+def declarations() -> list[Shows]:
+    """Each distinct ``MethodSpec.shows``, in the table's order (what tables over runs of any
+    method have columns for)."""
+    return list(dict.fromkeys(s.shows for s in METHODS.values()))
