@@ -46,11 +46,6 @@ flags.DEFINE_bool("extend_at_edge", False, "When the best value is the grid's la
                   "write nothing, exit 6 and print the grid one step wider (GRID <name>=<values>).")
 flags.DEFINE_string("setting_note", "", "What the sweep ran on, for the comments (e.g. the setting flagfile).")
 
-# experiments.sweep's table columns (the rest of a sweep.json row is the grid point)
-_NOT_GRID = {"final_test_accuracy", "final_test_accuracy_thresholded", "mean_uplink_bpp",
-             "mean_uplink_bpp_coded_prior", "final_model_file_bpp", "steady_round_time_s",
-             "total_time_s", "diverged_at_round", "status"}
-
 
 def load_points(sweep_dir: str) -> tuple[str, list[dict]]:
     """The grid parameter and one record per point: value, accuracy (None if it diverged),
@@ -61,7 +56,10 @@ def load_points(sweep_dir: str) -> tuple[str, list[dict]]:
         raise ValueError(f"{path}: no such file (has the sweep run?)")
     with open(path) as f:
         rows = json.load(f)
-    names = sorted({k for r in rows for k in r} - _NOT_GRID)
+    from fedmask_jax.comparison import sweep_columns
+
+    # the rest of a sweep.json row is the grid point
+    names = sorted({k for r in rows for k in r} - {*sweep_columns(), "status"})
     if len(names) != 1 or not rows:
         raise ValueError(f"{path}: expected a sweep over one parameter, got {names or 'no rows'}")
     name = names[0]

@@ -51,9 +51,6 @@ flags.DEFINE_integer("max_runs_per_program", 0, "At most this many points in one
 
 _OWN = ("--sweep", "--sweep_dir", "--shard", "--report_only", "--noreport_only", "--workdir",
         "--vectorize", "--novectorize", "--max_runs_per_program")
-COLUMNS = ["final_test_accuracy", "final_test_accuracy_thresholded", "mean_uplink_bpp",
-           "mean_uplink_bpp_coded_prior", "final_model_file_bpp", "steady_round_time_s",
-           "total_time_s", "diverged_at_round"]
 
 
 def parse_grid(spec: str) -> list[tuple[str, list[str]]]:
@@ -97,9 +94,11 @@ def point_name(point: dict[str, str]) -> str:
 
 
 def report(grid, sweep_dir: str, status: dict[str, str]) -> list[dict]:
+    from fedmask_jax.comparison import sweep_columns
     from fedmask_jax.outputs import write_json_atomic
     from fedmask_jax.plots import plot_runs
 
+    results = sweep_columns()
     rows, done_dirs = [], []
     for point in points(grid):
         workdir = os.path.join(sweep_dir, point_name(point))
@@ -108,20 +107,20 @@ def report(grid, sweep_dir: str, status: dict[str, str]) -> list[dict]:
         if os.path.isfile(summary_path):
             with open(summary_path) as f:
                 summary = json.load(f)
-            row.update({c: summary.get(c) for c in COLUMNS}, status="done")
+            row.update({c: summary.get(c) for c in results}, status="done")
             done_dirs.append(workdir)
         else:
-            row.update({c: None for c in COLUMNS}, status=status.get(workdir, "not run"))
+            row.update({c: None for c in results}, status=status.get(workdir, "not run"))
         rows.append(row)
     names = [n for n, _ in grid]
     with open(os.path.join(sweep_dir, "sweep.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*names, *COLUMNS, "status"])
+        writer = csv.DictWriter(f, fieldnames=[*names, *results, "status"])
         writer.writeheader()
         writer.writerows(rows)
     fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join([*names, *COLUMNS, "status"]) + " |",
-             "|" + "---|" * (len(names) + len(COLUMNS) + 1)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in [*names, *COLUMNS, "status"]) + " |" for r in rows]
+    lines = ["| " + " | ".join([*names, *results, "status"]) + " |",
+             "|" + "---|" * (len(names) + len(results) + 1)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in [*names, *results, "status"]) + " |" for r in rows]
     with open(os.path.join(sweep_dir, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     write_json_atomic(os.path.join(sweep_dir, "sweep.json"), rows)

@@ -1,7 +1,10 @@
-"""The method comparison's table: one row per finished run, read back from its workdir.
+"""The method comparison's table, one row per finished run read back from its workdir, and
+the sweep table's columns.
 
 Every figure comes from the run's own ``summary.json`` and ``metrics.jsonl``; nothing is
-recomputed from settings.
+recomputed from settings. Besides every run's figures, the tables have a column for each field
+some registered method declares (``MethodSpec.shows``), whichever methods a table holds, so
+that its columns do not depend on them; a row holds its own method's.
 """
 
 from __future__ import annotations
@@ -9,20 +12,36 @@ from __future__ import annotations
 import json
 import os
 
+from fedmask_jax.algorithms import registry
+from fedmask_jax.algorithms.shows import Shows, result_columns
 from fedmask_jax.plots import load_records
 
-# (key, column header, format) of the Markdown table, in order.
-TABLE = [
-    ("method", "method", "{}"),
-    ("final_test_accuracy", "final test acc", "{:.4f}"),
-    ("best_test_accuracy", "best test acc", "{:.4f}"),
-    ("mean_uplink_bpp", "uplink bits/param/client", "{:.4f}"),
-    ("total_uplink_mb", "total uplink MB", "{:.2f}"),
-    ("rounds_to_target", "rounds to target", "{}"),
-    ("uplink_mb_to_target", "uplink MB to target", "{:.2f}"),
-    ("mean_uplink_bpp_coded_prior", "coded uplink bpp (θ_g prior)", "{:.4f}"),
-    ("steady_round_time_s", "s/round", "{:.2f}"),
-]
+
+def table_columns(declared: list[Shows] | None = None) -> list[tuple[str, str, str]]:
+    """(key, column header, format) of the comparison's Markdown table, in order: every run's
+    figures and each coded uplink some method declares (``declared``: default, every
+    registered method's)."""
+    declared = registry.declarations() if declared is None else declared
+    coded = dict.fromkeys(s.coded_uplink for s in declared if s.coded_uplink is not None)
+    return [
+        ("method", "method", "{}"),
+        ("final_test_accuracy", "final test acc", "{:.4f}"),
+        ("best_test_accuracy", "best test acc", "{:.4f}"),
+        ("mean_uplink_bpp", "uplink bits/param/client", "{:.4f}"),
+        ("total_uplink_mb", "total uplink MB", "{:.2f}"),
+        ("rounds_to_target", "rounds to target", "{}"),
+        ("uplink_mb_to_target", "uplink MB to target", "{:.2f}"),
+        *((c.bpp, c.header, "{:.4f}") for c in coded),
+        ("steady_round_time_s", "s/round", "{:.2f}"),
+    ]
+
+
+def sweep_columns(declared: list[Shows] | None = None) -> list[str]:
+    """The summary fields of experiments.sweep's table, in order (a sweep.json row holds these,
+    ``status`` and its grid point)."""
+    accuracy, uplink = result_columns(registry.declarations() if declared is None else declared)
+    return ["final_test_accuracy", *accuracy, "mean_uplink_bpp", *uplink, "steady_round_time_s",
+            "total_time_s", "diverged_at_round"]
 
 
 def rounds_to_target(records: list[dict], target: float) -> tuple[int | None, float | None]:
@@ -58,19 +77,21 @@ def method_row(method: str, workdir: str, target: float) -> dict:
         "eval_split": summary.get("eval_split", "test"),
         "steady_round_time_s": summary["steady_round_time_s"],
     }
-    for key in ("final_test_accuracy_thresholded", "mean_uplink_bpp_coded_prior",
-                "mean_uplink_bpp_coded_global", "final_model_file_bpp"):
+    shows = registry.shows_of(summary.get("algorithm"))  # the row keeps its method's declared figures
+    for key in (*shows.accuracy_results(), *shows.uplink_results(),
+                *(shows.coded_uplink.also if shows.coded_uplink else ())):
         if key in summary:
             row[key] = summary[key]
     return row
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(h for _, h, _ in TABLE) + " | status |"
-    lines = [head, "|" + "---|" * (len(TABLE) + 1)]
+    table = table_columns()
+    head = "| " + " | ".join(h for _, h, _ in table) + " | status |"
+    lines = [head, "|" + "---|" * (len(table) + 1)]
     for row in rows:
         cells = []
-        for key, _, fmt in TABLE:
+        for key, _, fmt in table:
             value = row.get(key)
             cells.append("—" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + f" | {row['status']} |")

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedmask_jax.algorithms.shows import Shows  # noqa: E402
+
 
 def load_records(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -24,23 +26,39 @@ def _label(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(run_dir))
 
 
-def plot_runs(run_dirs: Sequence[str], out_dir: str) -> list[str]:
-    """Accuracy and loss vs round, accuracy vs cumulative uplink megabits; returns PNG paths."""
+def run_shows(run_dir: str) -> Shows:
+    """The fields a run's method declares (its config.json, written before the first round,
+    names the method); a folder without one shows only the fields every run has."""
+    from fedmask_jax.algorithms import registry
+
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            name = json.load(f)["config"]["algorithm"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None
+    return registry.shows_of(name)
+
+
+def plot_runs(run_dirs: Sequence[str], out_dir: str, shows: Sequence[Shows] | None = None) -> list[str]:
+    """Accuracy and loss vs round, accuracy vs cumulative uplink megabits; returns PNG paths.
+    ``shows``: each run's declared fields (default: read from its folder, ``run_shows``)."""
     os.makedirs(out_dir, exist_ok=True)
     runs = [(_label(d), load_records(d)) for d in run_dirs]
+    shows = list(shows) if shows is not None else [run_shows(d) for d in run_dirs]
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, recs in runs:
+    for (label, recs), shown in zip(runs, shows):
         r = [x["round"] for x in recs]
-        # A sampled-mask model has a second one to show, 1[theta > 0.5]; for the others (a
-        # deterministic mask, dense weights) it is the same model or absent.
-        if not any(x.get("test_accuracy_thresholded", x["test_accuracy"]) != x["test_accuracy"] for x in recs):
+        # A second model the method evaluates is drawn only where it differs from the first
+        # (in some of a method's runs the two are the same model).
+        also = shown.accuracy_also
+        if also is None or not any(x.get(also.key, x["test_accuracy"]) != x["test_accuracy"] for x in recs):
             ax.plot(r, [x["test_accuracy"] for x in recs], label=label)
             continue
-        line, = ax.plot(r, [x["test_accuracy"] for x in recs], label=f"{label} (sampled mask)")
-        ax.plot(r, [x["test_accuracy_thresholded"] for x in recs], "--", color=line.get_color(),
-                label=f"{label} (θ>0.5)")
+        line, = ax.plot(r, [x["test_accuracy"] for x in recs], label=f"{label} ({also.first_curve})")
+        ax.plot(r, [x[also.key] for x in recs], "--", color=line.get_color(),
+                label=f"{label} ({also.curve})")
     ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -59,12 +77,13 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str) -> list[str]:
     paths.append(_save(fig, out_dir, "loss.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, recs in runs:
-        key = "cumulative_uplink_bits_coded_prior" if "cumulative_uplink_bits_coded_prior" in recs[0] else "cumulative_uplink_bits"
+    for (label, recs), shown in zip(runs, shows):
+        coded = shown.coded_uplink is not None and shown.coded_uplink.bits in recs[0]
+        key = shown.coded_uplink.bits if coded else "cumulative_uplink_bits"
         if key not in recs[0]:
             continue  # written before cumulative counts were recorded
         ax.plot([x[key] / 1e6 for x in recs], [x["test_accuracy"] for x in recs], marker=".",
-                label=label + (" (coded)" if key.endswith("coded_prior") else " (ideal)"))
+                label=label + (" (coded)" if coded else " (ideal)"))
     ax.set(xlabel="cumulative uplink, all clients (Mbit)", ylabel="test accuracy",
            title="Accuracy vs communication")
     ax.grid(alpha=0.3)
@@ -84,9 +103,10 @@ def _save(fig, out_dir: str, name: str) -> str:
 def plot_comparison(runs: Sequence[tuple[str, str]], out_dir: str,
                     target: float | None = None) -> list[str]:
     """One line per method: accuracy vs round, and accuracy vs cumulative uplink (log scale,
-    since the methods' messages differ by orders of magnitude). ``runs`` is (label, workdir)."""
+    since the methods' messages differ by orders of magnitude), with a dashed line for the
+    uplink as coded where the run's method declares one. ``runs`` is (label, workdir)."""
     os.makedirs(out_dir, exist_ok=True)
-    loaded = [(label, load_records(d)) for label, d in runs]
+    loaded = [(label, load_records(d), run_shows(d).coded_uplink) for label, d in runs]
     paths = []
     for name, xkey, xlabel, xscale in (
         ("compare_accuracy.png", "round", "round", "linear"),
@@ -94,16 +114,14 @@ def plot_comparison(runs: Sequence[tuple[str, str]], out_dir: str,
          "cumulative uplink, all clients (Mbit, log scale)", "log"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, recs in loaded:
+        for label, recs, coded in loaded:
             xs = [x[xkey] / (1e6 if xkey != "round" else 1) for x in recs]
             line, = ax.plot(xs, [x["test_accuracy"] for x in recs],
                             marker="." if len(recs) < 60 else None, label=label)
-            if xkey != "round" and "cumulative_uplink_bits_coded_prior" in recs[0]:
-                # Mask methods' masks coded with theta_g as the prior (exact code lengths,
-                # checked against a real range coder on a sample of clients every round).
-                ax.plot([x["cumulative_uplink_bits_coded_prior"] / 1e6 for x in recs],
+            if xkey != "round" and coded is not None and coded.bits in recs[0]:
+                ax.plot([x[coded.bits] / 1e6 for x in recs],
                         [x["test_accuracy"] for x in recs], ls="--", color=line.get_color(),
-                        label=f"{label} (θ_g-coded)")
+                        label=f"{label} ({coded.curve})")
         if target is not None:
             ax.axhline(target, color="gray", ls=":", lw=1, label=f"target {target:g}")
         ax.set(xlabel=xlabel, ylabel="test accuracy", xscale=xscale,

@@ -17,6 +17,7 @@ import tempfile
 from typing import TextIO
 
 from fedmask_jax import outputs
+from fedmask_jax.algorithms.shows import Shows, fill
 from fedmask_jax.history import History
 
 
@@ -156,13 +157,15 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def progress_line(record: dict, total_rounds: int, eta_s: float) -> str:
-    """One round at a glance; the fields a method does not report are left out."""
+def progress_line(record: dict, total_rounds: int, eta_s: float, shows: Shows = Shows()) -> str:
+    """One round at a glance: every run's fields, then those the method declares (``shows``);
+    the fields a round does not report are left out."""
     parts = [f"round {record['round']:>4}/{total_rounds}"]
     if "test_accuracy" in record:
         acc = f"acc {record['test_accuracy']:.4f}"
-        if "test_accuracy_thresholded" in record:
-            acc += f" (thr {record['test_accuracy_thresholded']:.4f})"
+        also = shows.accuracy_also
+        if also and also.key in record:
+            acc += f" ({also.console} {record[also.key]:.4f})"
         parts += [acc, f"test loss {record['test_loss']:.3f}"]
     if "clients_dropped" in record or "clients_available" in record or not record.get("reported_clients", 1):
         text = f"clients {record.get('reported_clients', 0):.0f}"
@@ -173,12 +176,7 @@ def progress_line(record: dict, total_rounds: int, eta_s: float) -> str:
         parts.append(text)
     if "train_loss" in record:
         parts += [f"train loss {record['train_loss']:.3f}", f"bpp {record['uplink_bpp']:.3f}"]
-    if "uplink_bpp_coded_prior" in record:
-        parts.append(f"coded {record['uplink_bpp_coded_global']:.3f}/{record['uplink_bpp_coded_prior']:.3f}")
-    if "verified_clients" in record:
-        parts.append(f"checked {record['verified_clients']}")
-    if "mask_density" in record:
-        parts.append(f"density {record['mask_density']:.3f}")
+    parts += [f"{c.label} {fill(c.format, record[c.key], record)}" for c in shows.columns if c.key in record]
     if "epsilon" in record:
         parts.append(f"eps {record['epsilon']:.3g}")
     parts.append(f"{record['round_time_s']:.2f}s/round")
@@ -188,11 +186,26 @@ def progress_line(record: dict, total_rounds: int, eta_s: float) -> str:
     return " | ".join(parts)
 
 
-class Console(Sink):
-    """The header, a line per round with an ETA, and the outcome."""
+def summary_line(summary: dict, shows: Shows = Shows()) -> str:
+    """The outcome in one line: every run's figures, with the method's declared ones."""
+    s = summary
+    text = f"done: {s['algorithm']} test accuracy {s['final_test_accuracy']:.4f}"
+    also = shows.accuracy_also
+    if also and f"final_{also.key}" in s:
+        text += f" ({also.summary} {s[f'final_{also.key}']:.4f})"
+    text += f", mean uplink {s['mean_uplink_bpp']:.4f} bpp"
+    text += "".join(fill(template, s[key], s) for key, template in shows.summary if key in s)
+    return text + (f"; {s['total_time_s']:.1f}s total, {s['steady_round_time_s']:.2f}s/round; "
+                   f"results in {s['workdir']}")
 
-    def __init__(self, total_rounds: int, out: TextIO | None = None, notes: tuple[str, ...] = ()):
-        self.total, self._out, self._times, self.notes = total_rounds, out, [], notes
+
+class Console(Sink):
+    """The header, a line per round with an ETA, and the outcome (``shows``: the fields the
+    run's method declares)."""
+
+    def __init__(self, total_rounds: int, out: TextIO | None = None, notes: tuple[str, ...] = (),
+                 shows: Shows = Shows()):
+        self.total, self._out, self._times, self.notes, self.shows = total_rounds, out, [], notes, shows
 
     @property
     def out(self) -> TextIO:
@@ -205,43 +218,26 @@ class Console(Sink):
     def round(self, record, evaluated):
         self._times.append(record.get("wall_time_s", record["round_time_s"]))
         eta = statistics.median(self._times) * (self.total - record["round"])
-        print(progress_line(record, self.total, eta), file=self.out, flush=True)
+        print(progress_line(record, self.total, eta, self.shows), file=self.out, flush=True)
 
     def close(self, summary):
-        if summary is None:
-            return {}
-        s = summary
-        text = f"done: {s['algorithm']} test accuracy {s['final_test_accuracy']:.4f}"
-        if "final_test_accuracy_thresholded" in s:
-            text += f" (thresholded {s['final_test_accuracy_thresholded']:.4f})"
-        text += f", mean uplink {s['mean_uplink_bpp']:.4f} bpp"
-        if "final_model_bpp" in s:
-            text += f", final model {s['final_model_bpp']:.4f} bpp"
-        if "final_model_file_bpp" in s:
-            text += f" (file {s['final_model_file_bpp']:.4f} bpp)"
-        if "mean_uplink_bpp_coded_prior" in s:
-            text += (f", coded uplink {s['mean_uplink_bpp_coded_global']:.4f} bpp global / "
-                     f"{s['mean_uplink_bpp_coded_prior']:.4f} bpp with theta_g")
-        if "mean_uplink_bpp_measured_prior" in s:
-            text += f" (range coder: {s['mean_uplink_bpp_measured_prior']:.4f} on {s['verified_clients_total']} masks)"
-        text += (f"; {s['total_time_s']:.1f}s total, {s['steady_round_time_s']:.2f}s/round; "
-                 f"results in {s['workdir']}")
-        print(text, file=self.out, flush=True)
+        if summary is not None:
+            print(summary_line(summary, self.shows), file=self.out, flush=True)
         return {}
 
 
 class Plots(Sink):
     """accuracy.png, loss.png and accuracy_vs_uplink.png, drawn from metrics.jsonl at the end."""
 
-    def __init__(self, workdir: str):
-        self.workdir = workdir
+    def __init__(self, workdir: str, shows: Shows = Shows()):
+        self.workdir, self.shows = workdir, shows
 
     def close(self, summary):
         if summary is None:
             return {}
         from fedmask_jax import plots
 
-        return {"plots": plots.plot_runs([self.workdir], self.workdir)}
+        return {"plots": plots.plot_runs([self.workdir], self.workdir, [self.shows])}
 
 
 class SummaryFile(Sink):
@@ -257,13 +253,15 @@ class SummaryFile(Sink):
 
 
 def default_sinks(workdir: str, total_rounds: int, history: History, *, verbose: bool,
-                  tensorboard: bool, console: TextIO | None = None) -> list[Sink]:
+                  tensorboard: bool, console: TextIO | None = None, shows: Shows = Shows()) -> list[Sink]:
     """What ``experiments.run`` writes: console (stdout, or ``console``), metrics.jsonl,
-    TensorBoard, plots, summary. ``history``: the rounds restored from a checkpoint."""
+    TensorBoard, plots, summary. ``history``: the rounds restored from a checkpoint;
+    ``shows``: the fields the run's method declares (``MethodSpec.shows``)."""
     metrics = MetricsJsonl(os.path.join(workdir, "metrics.jsonl"), history)
-    sinks: list[Sink] = [Console(total_rounds, console, tuple(filter(None, [metrics.repaired])))] if verbose else []
+    sinks: list[Sink] = ([Console(total_rounds, console, tuple(filter(None, [metrics.repaired])), shows)]
+                         if verbose else [])
     sinks.append(metrics)
     if tensorboard:
         sinks.append(TensorBoard(os.path.join(workdir, "tensorboard"), history.rounds_done))
-    sinks += [Plots(workdir), SummaryFile(os.path.join(workdir, "summary.json"))]
+    sinks += [Plots(workdir, shows), SummaryFile(os.path.join(workdir, "summary.json"))]
     return sinks
