@@ -33,3 +33,12 @@ def test_the_loop_names_no_method():
     source = (PACKAGE / "loop.py").read_text().lower().replace("fedmask_jax", "")
     for word in ("fedpm", "fedmask", "mask", "fedavg", "theta"):
         assert word not in source, word
+
+
+@pytest.mark.parametrize("path", ["fedmask_jax/sinks.py", "fedmask_jax/plots.py", "fedmask_jax/comparison.py",
+                                  "experiments/sweep.py", "experiments/select_tuned.py"])
+def test_sinks_plots_and_tables_name_no_methods_field(path):
+    # what a method shows beyond every run's fields they read from its MethodSpec.shows
+    source = (PACKAGE.parent / path).read_text().lower()
+    for word in ("thresholded", "coded_prior", "coded_global", "mask_density", "verified_clients", "theta", "θ"):
+        assert word not in source, word
