@@ -170,7 +170,7 @@ def run_case(case: str) -> dict:
     per_client = min(sizes)
     batch = min(F.batch_size, per_client)
     exp = experiment.build(case_config(spec, batch), dataset=ds)
-    parts, backend = exp.partition, jax.default_backend()
+    parts, backend = exp.runs[0].partition, jax.default_backend()
     server, store = exp.initial_state()
     compile_s = exp.round_fn.compile(server, store, exp.data, exp.cohort(0), exp.round_key(0))
     compiled = exp.round_fn.compiled  # the scan strategy's one program

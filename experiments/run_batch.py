@@ -98,7 +98,7 @@ def main(argv):
         print(f"batch {os.path.basename(batch_dir)}: {len(group)} runs in one program: {', '.join(names)}",
               flush=True)
         try:
-            summaries, _, _ = execute_runs(group, batch_dir=batch_dir, console_to_log=LOG_NAME)
+            summaries, *_ = execute_runs(group, batch_dir=batch_dir, console_to_log=LOG_NAME)
         except (ValueError, DataError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(exit_codes.BAD_INPUT)

@@ -48,62 +48,82 @@ def shape_key(cfg: RunConfig) -> tuple:
     return fixed_run + fixed_method
 
 
+@dataclasses.dataclass(frozen=True)
+class RunsAxis:
+    """How a program holds its runs: several on a leading runs axis, one run without it. A
+    single run keeps the program it has always had: the host-driven round (conv models on
+    CPU) runs stages from Python that do not carry a runs axis, and a single run's
+    checkpoints on disk hold its state without one, so ``--resume`` keeps working. Every place
+    that builds or reads a program's pytrees goes through here."""
+
+    size: int
+
+    def stack(self, trees: Sequence[PyTree], xp=jnp) -> PyTree:
+        """The runs' trees as one (``xp``: ``np`` to keep host arrays on the host)."""
+        if self.size == 1:
+            return trees[0]
+        return jax.tree.map(lambda *xs: xp.stack(xs), *trees)
+
+    def part(self, tree: PyTree, i: int) -> PyTree:
+        return tree if self.size == 1 else jax.tree.map(lambda a: a[i], tree)
+
+    def spec(self, *rest) -> PartitionSpec:
+        return PartitionSpec(*rest) if self.size == 1 else PartitionSpec(engine.RUNS_AXIS, *rest)
+
+    def mesh(self, num_devices: int, strategy: str) -> Mesh:
+        if self.size > 1:
+            return engine.runs_mesh(self.size, num_devices)
+        # the host loop drives one device; the scanned round shards clients over the mesh
+        return engine.clients_mesh(num_devices if strategy == "scan" else 1)
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of a program: its settings and what they alone decide."""
+
+    cfg: RunConfig
+    method_config: Any
+    partition: list[np.ndarray]  # each client's example indices
+    algorithm: FederatedAlgorithm  # this run's values (its initial state); the program traces run 0's
+    federation: federation.Federation  # its clients' availability and work
+    hooks: Sequence[HostHook]
+
+
 @dataclasses.dataclass
 class Experiment:
-    cfgs: list[RunConfig]  # one per run; they share every shape
+    runs: list[Run]  # they share every shape (``shape_key``): one program trains them all
     spec: MethodSpec
-    method_configs: list[Any]
     dataset: Dataset
-    partitions: list[list[np.ndarray]]
     architecture: models.Architecture
-    algorithm: FederatedAlgorithm  # run 0's: what the runs share is the same in all of them
-    algorithms: list[FederatedAlgorithm]  # each run's, for its initial state
     engine_config: engine.EngineConfig
     strategy: str
     mesh: Mesh
     round_fn: engine.RoundFn
     eval_fn: Any
-    data: engine.ClientData  # index and sizes with a leading runs axis when batched
+    data: engine.ClientData  # the runs' example index and sizes on the runs axis
     x_test: jax.Array
     y_test: jax.Array
-    hooks: list[Sequence[HostHook]]  # each run's
-    federations: list[federation.Federation]  # each run's availability and clients' work
 
     @property
-    def cfg(self) -> RunConfig:
-        return self.cfgs[0]
+    def axis(self) -> RunsAxis:
+        return RunsAxis(len(self.runs))
 
     @property
-    def runs(self) -> int:
-        return len(self.cfgs)
-
-    @property
-    def batched(self) -> bool:
-        return self.runs > 1
-
-    # For compatibility with single-run callers.
-    @property
-    def partition(self) -> list[np.ndarray]:
-        return self.partitions[0]
-
-    def _stack(self, trees: list) -> PyTree:
-        if not self.batched:
-            return trees[0]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    def num_params(self) -> int:
+        """Entries of a client's working set, the same in every run."""
+        return self.runs[0].algorithm.num_params
 
     def _place(self, tree, spec: PartitionSpec):
         if self.mesh.size > 1:
             return distributed.put(tree, NamedSharding(self.mesh, spec))
         return tree
 
-    def _runs_spec(self, *rest) -> PartitionSpec:
-        return PartitionSpec(engine.RUNS_AXIS, *rest) if self.batched else PartitionSpec(*rest)
-
     def initial_state(self) -> tuple[PyTree, PyTree]:
-        """(server state, every client's persistent state) before round 1, per run."""
-        servers = [alg.server_init(keys.server_key(c.seed)) for alg, c in zip(self.algorithms, self.cfgs)]
-        stores = [engine.init_store(self.algorithm, c.num_clients) for c in self.cfgs]
-        return self._place((self._stack(servers), self._stack(stores)), self._runs_spec())
+        """(server state, every client's persistent state) before round 1, on the runs axis."""
+        servers = [r.algorithm.server_init(keys.server_key(r.cfg.seed)) for r in self.runs]
+        program = self.runs[0].algorithm  # the store has the traced program's shapes
+        stores = [engine.init_store(program, r.cfg.num_clients) for r in self.runs]
+        return self._place((self.axis.stack(servers), self.axis.stack(stores)), self.axis.spec())
 
     def cohort(self, round_index: int) -> engine.Cohort:
         return self.round_plan(round_index)[0]
@@ -112,21 +132,23 @@ class Experiment:
         """The round's cohort (every run's) and, per run, the record fields saying how many
         clients were available, sampled, dropped or partial (when those settings are on)."""
         multiple = self.engine_config.client_chunk_size * self.round_fn.client_devices
-        plans = [f.plan(round_index) for f in self.federations]
-        cohorts = [engine.make_cohort(p.clients, multiple, self.engine_config.collect, c.seed, round_index,
-                                      steps=p.steps, valid=p.valid, size=c.clients_per_round)
-                   for p, c in zip(plans, self.cfgs)]
-        cohort = engine.Cohort(*(np.stack(f) for f in zip(*cohorts))) if self.batched else cohorts[0]
-        if self.round_fn.client_devices > 1 or self.batched:
-            cohort = self._place(cohort, self._runs_spec(engine.CLIENTS_AXIS) if self.round_fn.client_devices > 1
-                                 else self._runs_spec())
-        return cohort, [p.fields for p in plans]
+        plans = [r.federation.plan(round_index) for r in self.runs]
+        cohort = self.axis.stack([
+            engine.make_cohort(p.clients, multiple, self.engine_config.collect, r.cfg.seed, round_index,
+                               steps=p.steps, valid=p.valid, size=r.cfg.clients_per_round)
+            for p, r in zip(plans, self.runs)], xp=np)
+        split = (engine.CLIENTS_AXIS,) if self.round_fn.client_devices > 1 else ()
+        return self._place(cohort, self.axis.spec(*split)), [p.fields for p in plans]
 
     def round_key(self, round_index: int) -> jax.Array:
-        return self._stack([keys.round_key(c.seed, round_index) for c in self.cfgs])
+        return self.axis.stack([keys.round_key(r.cfg.seed, round_index) for r in self.runs])
 
     def eval_key(self, round_index: int) -> jax.Array:
-        return self._stack([keys.eval_key(c.seed, round_index) for c in self.cfgs])
+        return self.axis.stack([keys.eval_key(r.cfg.seed, round_index) for r in self.runs])
+
+    def round(self, server, store, cohort: engine.Cohort, round_index: int) -> engine.RoundOutput:
+        """Every run's round ``round_index`` (0-based) over ``cohort``."""
+        return self.round_fn(server, store, self.data, cohort, self.round_key(round_index))
 
     def compile(self, server, store) -> float:
         """Compiles the round and the evaluation ahead of time; returns the seconds it took."""
@@ -137,37 +159,39 @@ class Experiment:
 
     def evaluate(self, server, round_index: int) -> list[dict[str, float]]:
         """Each run's evaluation."""
-        out = jax.device_get(self.eval_fn(server, self.x_test, self.y_test, self.eval_key(round_index)))
-        if not self.batched:
-            return [{k: float(v) for k, v in out.items()}]
-        return [{k: float(v[i]) for k, v in out.items()} for i in range(self.runs)]
+        return self._per_run(self.eval_fn(server, self.x_test, self.y_test, self.eval_key(round_index)))
 
     def metrics(self, output: engine.RoundOutput) -> list[dict[str, float]]:
         """Each run's round metrics, on the host."""
-        out = jax.device_get(output.metrics)
-        if not self.batched:
-            return [{k: float(v) for k, v in out.items()}]
-        return [{k: float(v[i]) for k, v in out.items()} for i in range(self.runs)]
+        return self._per_run(output.metrics)
 
-    def run_view(self, tree, i: int):
-        """Run ``i``'s part of a batched pytree (a server state, a round's output)."""
-        return jax.tree.map(lambda a: a[i], tree) if self.batched else tree
+    def _per_run(self, values: dict) -> list[dict[str, float]]:
+        values = jax.device_get(values)
+        return [{k: float(v) for k, v in self.axis.part(values, i).items()} for i in range(len(self.runs))]
+
+    def part(self, tree, i: int):
+        """Run ``i``'s part of a program's pytree (a server state, a round's output)."""
+        return self.axis.part(tree, i)
 
     def describe(self) -> str:
-        cfg = self.cfg
+        cfg = self.runs[0].cfg
         what = "mask entries" if self.spec.masked else "parameters"
-        runs = (f"{self.runs} runs in one program ({self.engine_config.runs_vectorized} vmapped at a time), "
-                if self.batched else "")
+        runs = (f"{len(self.runs)} runs in one program ({self.engine_config.runs_vectorized} vmapped at a time), "
+                if len(self.runs) > 1 else "")
         return (f"fedmask_jax: {runs}{cfg.algorithm} {cfg.model} on {cfg.dataset} "
-                f"({self.algorithm.num_params:,} {what}), {cfg.clients_per_round} of {cfg.num_clients} "
+                f"({self.num_params:,} {what}), {cfg.clients_per_round} of {cfg.num_clients} "
                 f"clients/round, {self.strategy} strategy, chunk {self.engine_config.client_chunk_size}"
                 f"{' (summed gradient)' if self.engine_config.client_grad == 'summed' else ''}, "
                 f"{self.round_fn.devices} device(s), backend {jax.default_backend()}")
 
     def close(self) -> None:
-        for hooks in self.hooks:
-            for hook in hooks:
-                hook.close()
+        _close_hooks(self.runs)
+
+
+def _close_hooks(runs: Sequence[Run]) -> None:
+    for run in runs:
+        for hook in run.hooks:
+            hook.close()
 
 
 def _check_partition(cfg: RunConfig, parts: Sequence[np.ndarray]) -> None:
@@ -196,19 +220,18 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.0f} B"
 
 
-def _check_memory(cfgs: Sequence[RunConfig], algorithm: FederatedAlgorithm, engine_config: engine.EngineConfig,
-                  mesh: Mesh, partitions: list[list[np.ndarray]], dataset: Dataset, backend: str) -> None:
+def _check_memory(runs: Sequence[Run], engine_config: engine.EngineConfig, mesh: Mesh, dataset: Dataset,
+                  backend: str) -> None:
     """Refuses a run whose arrays cannot fit its device, before any of them is allocated: a
     population too large for its per-client arrays would otherwise spend minutes building
     them and then die of an out-of-memory error."""
     available = engine.device_memory_bytes(backend)
     if available is None:
         return
-    cfg, runs = cfgs[0], len(cfgs)
-    width = max(len(p) for parts in partitions for p in parts)
-    per_device = -(-runs // mesh.shape.get(engine.RUNS_AXIS, 1)) if runs > 1 else 1
+    cfg, algorithm, width = runs[0].cfg, runs[0].algorithm, _index_width(runs)
+    per_device = -(-len(runs) // mesh.shape.get(engine.RUNS_AXIS, 1))
     parts = engine.memory_needed(algorithm, engine_config, num_clients=cfg.num_clients, index_width=width,
-                                 runs=runs, runs_per_device=per_device)
+                                 runs=len(runs), runs_per_device=per_device)
     parts["training and test data"] = sum(a.nbytes for a in (dataset.x_train, dataset.y_train,
                                                              dataset.x_test, dataset.y_test))
     needed = sum(parts.values())
@@ -225,24 +248,27 @@ def _check_memory(cfgs: Sequence[RunConfig], algorithm: FederatedAlgorithm, engi
         "collected messages": "check fewer clients' messages per round (--verify_coded_clients)",
         "training and test data": "choose a smaller --dataset",
     }[largest]
-    if runs > 1:
+    if len(runs) > 1:
         fix += ", or put fewer runs in one program (--max_runs_per_program)"
     where = "this machine has" if backend == "cpu" else f"one {backend} device has"
     raise ValueError(
         f"--num_clients={cfg.num_clients} --clients_per_round={cfg.clients_per_round}"
-        f"{f' ({runs} runs in one program)' if runs > 1 else ''} needs about {_size(needed)} of memory ("
+        f"{f' ({len(runs)} runs in one program)' if len(runs) > 1 else ''} needs about {_size(needed)} of memory ("
         + ", ".join(f"{k} {_size(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
         + f") and {where} {_size(available)}; {fix}")
 
 
-def _client_data(x: np.ndarray, y: np.ndarray, partitions: list[list[np.ndarray]]) -> engine.ClientData:
-    """The runs' client data: shared examples, each run's index padded to the longest client
-    of any run (padding changes no result: extra steps are masked) and stacked when several."""
-    width = max(len(p) for parts in partitions for p in parts)
-    datas = [engine.client_data_from_partition(x, y, parts, width=width) for parts in partitions]
-    if len(datas) == 1:
-        return datas[0]
-    return datas[0]._replace(index=jnp.stack([d.index for d in datas]), sizes=jnp.stack([d.sizes for d in datas]))
+def _index_width(runs: Sequence[Run]) -> int:
+    """The widest client of any run: every run's index is padded to it (padding changes no
+    result: extra steps are masked)."""
+    return max(len(p) for run in runs for p in run.partition)
+
+
+def _client_data(x: np.ndarray, y: np.ndarray, runs: Sequence[Run]) -> engine.ClientData:
+    """The runs' client data: shared examples, each run's index and sizes on the runs axis."""
+    width, axis = _index_width(runs), RunsAxis(len(runs))
+    datas = [engine.client_data_from_partition(x, y, run.partition, width=width) for run in runs]
+    return datas[0]._replace(index=axis.stack([d.index for d in datas]), sizes=axis.stack([d.sizes for d in datas]))
 
 
 def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = None,
@@ -276,49 +302,46 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
         dataset = holdout_validation(dataset, cfg.validation_fraction, cfg.seed)
 
     spec = registry.spec(cfg.algorithm)
-    method_configs = [c.method_config for c in cfgs]
     arch = models.Architecture(cfg.model, dataset.num_classes, dataset.input_shape, cfg.width,
                                tuple(cfg.mlp_hidden))
-    algorithms = [spec.build(arch, m) for m in method_configs]
-    hooks = [list(spec.host_hooks(HostContext(alg, m, arch, c.seed, c.clients_per_round, w, c.verbose,
-                                              num_clients=c.num_clients, rounds=c.rounds,
-                                              uniform_sampling=f.uniform_sampling)))
-             for alg, m, c, w, f in zip(algorithms, method_configs, cfgs, workdirs, federations)]
+    methods = [c.method_config for c in cfgs]
+    algorithms = [spec.build(arch, m) for m in methods]  # all of them before any hook starts work
+    runs = [Run(c, m, parts, alg, fed,
+                list(spec.host_hooks(HostContext(alg, m, arch, c.seed, c.clients_per_round, w, c.verbose,
+                                                 num_clients=c.num_clients, rounds=c.rounds,
+                                                 uniform_sampling=fed.uniform_sampling))))
+            for c, m, w, parts, fed, alg in zip(cfgs, methods, workdirs, partitions, federations, algorithms)]
+    axis, program_alg = RunsAxis(len(runs)), runs[0].algorithm  # the program traces run 0's algorithm
 
     backend = jax.default_backend()
     conv.set_cpu_kernel(cfg.cpu_conv)  # read when the round and evaluation are traced
     conv.set_conv_precision(cfg.conv_precision)
-    plan = engine.plan_execution(cfg, runs=len(cfgs), num_params=algorithms[0].num_params, conv=arch.conv,
-                                 backend=backend, separable_step=algorithms[0].separable_step)
+    plan = engine.plan_execution(cfg, runs=len(runs), num_params=program_alg.num_params, conv=arch.conv,
+                                 backend=backend, separable_step=program_alg.separable_step)
     strategy = plan.strategy
-    if len(cfgs) > 1 and strategy != "scan":
+    if len(runs) > 1 and strategy != "scan":
         raise ValueError(f"runs share one program only with --strategy=scan (this one is {strategy}); "
                          "run them one at a time")
     engine_config = engine.EngineConfig(cfg.batch_size, cfg.local_epochs, plan.client_chunk_size,
                                         client_grad=plan.client_grad,
                                         cpu_ynn_fusions=cfg.cpu_ynn_fusions,
-                                        collect=max([h.collect for h in hooks[0]], default=0),
+                                        collect=max([h.collect for h in runs[0].hooks], default=0),
                                         runs_vectorized=plan.runs_vectorized)
-    if len(cfgs) > 1:
-        mesh = engine.runs_mesh(len(cfgs), cfg.num_devices)
-    else:  # the host loop drives one device; the scanned round shards clients over the mesh
-        mesh = engine.clients_mesh(cfg.num_devices if strategy == "scan" else 1)
+    mesh = axis.mesh(cfg.num_devices, strategy)
     distributed.check_mesh(mesh.devices.flat, strategy)  # several processes: one mesh over all
     try:
-        _check_memory(cfgs, algorithms[0], engine_config, mesh, partitions, dataset, backend)
+        _check_memory(runs, engine_config, mesh, dataset, backend)
     except ValueError:
-        for run_hooks in hooks:
-            for hook in run_hooks:
-                hook.close()
+        _close_hooks(runs)
         raise
-    round_fn = engine.make_round_fn(algorithms[0], engine_config, strategy, mesh, runs=len(cfgs))
-    eval_fn = engine.make_eval_fn(algorithms[0], cfg.eval_batch_size, engine.compiler_options(engine_config),
-                                  runs=len(cfgs), runs_vectorized=engine_config.runs_vectorized)
-    data = _client_data(dataset.x_train, dataset.y_train, partitions)
+    round_fn = engine.make_round_fn(program_alg, engine_config, strategy, mesh, runs=len(runs))
+    eval_fn = engine.make_eval_fn(program_alg, cfg.eval_batch_size, engine.compiler_options(engine_config),
+                                  runs=len(runs), runs_vectorized=engine_config.runs_vectorized)
+    data = _client_data(dataset.x_train, dataset.y_train, runs)
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test, jnp.int32)
-    exp = Experiment(cfgs, spec, method_configs, dataset, partitions, arch, algorithms[0], algorithms,
-                     engine_config, strategy, mesh, round_fn, eval_fn, data, x_test, y_test, hooks, federations)
+    exp = Experiment(runs, spec, dataset, arch, engine_config, strategy, mesh, round_fn, eval_fn, data,
+                     x_test, y_test)
     if mesh.size > 1:
-        rep, per_run = PartitionSpec(), exp._runs_spec()
+        rep, per_run = PartitionSpec(), axis.spec()
         exp.data = distributed.put(data, engine.ClientData(*(NamedSharding(mesh, s) for s in (rep, rep, per_run, per_run))))
     return exp

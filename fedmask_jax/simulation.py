@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 import jax
 
 from fedmask_jax import distributed, experiment, loop, outputs, sinks
+from fedmask_jax.algorithms.base import PyTree
 from fedmask_jax.checkpoints import Checkpointer
 from fedmask_jax.history import History
 from fedmask_jax.run_config import RESUME_NEUTRAL, RunConfig
@@ -27,7 +28,8 @@ __all__ = ["Outcome", "RunConfig", "execute", "execute_runs", "run"]
 class Outcome(NamedTuple):
     summary: dict
     experiment: experiment.Experiment
-    state: loop.RunState  # the final server and client states, and the history
+    server: PyTree  # the run's final server state
+    history: History
 
 
 def run(cfg: RunConfig, extra_sinks: tuple[sinks.Sink, ...] = ()) -> dict:
@@ -37,15 +39,16 @@ def run(cfg: RunConfig, extra_sinks: tuple[sinks.Sink, ...] = ()) -> dict:
 
 def execute(cfg: RunConfig, extra_sinks: tuple[sinks.Sink, ...] = ()) -> Outcome:
     """``run``, also handing back what it built and where it ended."""
-    summaries, exp, state = execute_runs([cfg], extra_sinks=[tuple(extra_sinks)])
-    return Outcome(summaries[0], exp, state)
+    summaries, exp, (track,), state = execute_runs([cfg], extra_sinks=[tuple(extra_sinks)])
+    return Outcome(summaries[0], exp, exp.part(state.server, 0), track.history)
 
 
 def execute_runs(cfgs: Sequence[RunConfig], *, batch_dir: str | None = None,
                  extra_sinks: Sequence[tuple[sinks.Sink, ...]] | None = None,
                  console_to_log: str | None = None):
     """Runs ``cfgs`` -- one run, or several sharing every shape, as one program -- each into
-    its own workdir; returns (their summaries, the experiment, the final state).
+    its own workdir; returns (their summaries, the experiment, their tracks, the program's
+    final state).
 
     A batch keeps its checkpoints in ``batch_dir`` (a single run in its workdir);
     ``console_to_log``: each run's console lines go to this file in its workdir instead of
@@ -77,65 +80,69 @@ def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log,
         server, store = exp.initial_state()
         histories, start, notes, restored = [History() for _ in cfgs], 0, [], None
         if resume:  # before compiling: a workdir that cannot be resumed fails at once
-            restored = checkpointer.restore_latest(server, store, exp.runs)
+            restored = checkpointer.restore_latest(server, store, len(exp.runs))
         if restored is not None:
             start, server, store, histories, notes = restored
             if start != checked:  # a newer checkpoint verified but did not restore
                 _check_same_config(cfgs, workdirs, checkpointer, step=start)
         compile_s = exp.compile(server, store)
         header = [exp.describe() + f"; compiled in {compile_s:.1f}s",
-                  *filter(None, (h.header() for h in exp.hooks[0]))]
+                  *filter(None, (h.header() for h in exp.runs[0].hooks))]
         if resume:
             header += [f"resume: passed over {n}" for n in notes]
             header.append(f"resume: continuing after round {start} from {checkpointer.folder}"
                           if restored is not None else f"resume: no checkpoint in {checkpointer.folder}; starting afresh")
         elif primary:
             checkpointer.clear()
-        outs = []
-        for i, (c, w) in enumerate(zip(cfgs, workdirs)):
-            run_sinks = list(extra_sinks[i])
+        tracks = []
+        for run, history, w, extra in zip(exp.runs, histories, workdirs, extra_sinks):
+            c, run_sinks = run.cfg, list(extra)
             if primary:  # the other processes of a multi-process run write nothing
-                _write_config_record(exp, i, w)
+                _write_config_record(exp, run, w)
                 log = open(os.path.join(w, console_to_log), "a", buffering=1) if console_to_log and c.verbose else None
                 logs += [log] if log else []
-                run_sinks[:0] = sinks.default_sinks(w, c.rounds, histories[i], verbose=c.verbose,
+                run_sinks[:0] = sinks.default_sinks(w, c.rounds, history, verbose=c.verbose,
                                                     tensorboard=c.tensorboard, console=log, shows=exp.spec.shows)
             for sink in run_sinks:
                 sink.open(header)
-            outs.append(run_sinks)
-        save = lambda s: checkpointer.save(max(h.rounds_done for h in s.histories), s.server, s.store,  # noqa: E731
-                                           s.histories)
+            tracks.append(loop.Track(run, history, run_sinks))
+
+        def save(state: loop.State) -> None:
+            checkpointer.save(max(t.history.rounds_done for t in tracks), state.server, state.store,
+                              [t.history for t in tracks])
+
         try:
-            state = loop.run_rounds(exp, loop.RunState(server, store, histories), outs, save=save)
+            state = loop.run_rounds(exp, loop.State(server, store), tracks, save=save,
+                                    save_every=cfgs[0].checkpoint_every)
         except BaseException:
-            for run_sinks in outs:
-                for sink in run_sinks:
+            for track in tracks:
+                for sink in track.sinks:
                     sink.close(None)
             raise
         summaries = []
-        for i, (w, run_sinks) in enumerate(zip(workdirs, outs)):
-            summary = _summary(exp, i, state, compile_s, time.perf_counter() - t_start, w)
-            for sink in run_sinks:
+        for i, (track, w) in enumerate(zip(tracks, workdirs)):
+            summary = _summary(exp, track, exp.part(state.server, i), compile_s, time.perf_counter() - t_start, w)
+            for sink in track.sinks:
                 summary.update(sink.close(summary))
             summaries.append(summary)
-        return summaries, exp, state
+        return summaries, exp, tracks, state
     finally:
         for log in logs:
             log.close()
         exp.close()
 
 
-def _summary(exp: experiment.Experiment, i: int, state: loop.RunState, compile_s: float,
+def _summary(exp: experiment.Experiment, track: loop.Track, server, compile_s: float,
              total_s: float, workdir: str) -> dict:
-    cfg, history = exp.cfgs[i], state.histories[i]
+    """``server``: the run's final server state."""
+    cfg, history = track.cfg, track.history
     times, walls = history.round_times(), history.values("wall_time_s")
-    server = exp.run_view(state.server, i)
     summary = {
         **{f"final_{k}": v for k, v in history.last_evaluation().items()},
         "eval_split": "validation" if cfg.validation_fraction > 0 else "test",
         **history.means(("uplink_bpp", "downlink_bpp")),
         "total_uplink_bits": history.totals().get("cumulative_uplink_bits", 0.0),
-        **{k: v for hook in exp.hooks[i] for k, v in hook.finish(server, history).items()},
+        **{k: v for hook in track.run.hooks for k, v in hook.finish(server, history).items()},
         "rounds": cfg.rounds,
         "rounds_completed": history.rounds_done,
         "diverged_at_round": history.diverged_at(),
@@ -144,12 +151,12 @@ def _summary(exp: experiment.Experiment, i: int, state: loop.RunState, compile_s
         "dataset": cfg.dataset,
         "model": cfg.model,
         "algorithm": cfg.algorithm,
-        "num_params": exp.algorithm.num_params,
+        "num_params": exp.num_params,
         "seed": cfg.seed,
         "client_chunk_size": exp.engine_config.client_chunk_size,
         "strategy": exp.strategy,
         "num_devices": exp.round_fn.devices,
-        "runs_in_program": exp.runs,
+        "runs_in_program": len(exp.runs),
         "backend": jax.default_backend(),
         "compile_time_s": compile_s,
         "first_round_time_s": times[0] if times else None,
@@ -206,7 +213,7 @@ def _flatten(record: dict) -> dict:
     return out
 
 
-def _write_config_record(exp: experiment.Experiment, i: int, workdir: str) -> None:
+def _write_config_record(exp: experiment.Experiment, run: experiment.Run, workdir: str) -> None:
     """<workdir>/config.json: every resolved setting and the package versions."""
     from importlib import metadata
 
@@ -218,10 +225,10 @@ def _write_config_record(exp: experiment.Experiment, i: int, workdir: str) -> No
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     outputs.write_json_atomic(os.path.join(workdir, "config.json"), {
-        "config": exp.cfgs[i].record(), "versions": versions, "backend": jax.default_backend(),
+        "config": run.cfg.record(), "versions": versions, "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()], "strategy": exp.strategy,
         "client_chunk_size": exp.engine_config.client_chunk_size,
         "client_grad": exp.engine_config.client_grad,
-        "collected_messages_per_round": exp.engine_config.collect, "runs_in_program": exp.runs,
+        "collected_messages_per_round": exp.engine_config.collect, "runs_in_program": len(exp.runs),
         "processes": jax.process_count(),
     })

@@ -25,7 +25,7 @@ def thresholded_run(tmp_path_factory):
 @pytest.mark.slow
 def test_round_trip_gives_identical_predictions(thresholded_run):
     outcome, summary = thresholded_run
-    server, n = outcome.state.server, outcome.experiment.algorithm.num_params
+    server, n = outcome.server, outcome.experiment.num_params
     loaded = export.load_model(summary["final_model_file"])
     ds = digits()
     thr = outcome.experiment.architecture.build(masked=True).clone(mask_mode="threshold")

@@ -192,7 +192,7 @@ def test_compressed_downlink(tmp_path, downlink, expect):
     from fedmask_jax import models
     from fedmask_jax.algorithms import fedpm as fedpm_lib
 
-    theta = models.flat(fedpm_lib.theta(outcome.state.server))
+    theta = models.flat(fedpm_lib.theta(outcome.server))
     if downlink == "quantized":
         assert len(np.unique(np.round(theta, 5))) <= 8
         assert summary["mean_downlink_bpp"] == expect

@@ -28,8 +28,8 @@ def _rows(workdir):
 
 def _batch_vs_alone(tmp_path, cfgs, keys):
     batch = [dataclasses.replace(c, workdir=str(tmp_path / f"b{i}")) for i, c in enumerate(cfgs)]
-    summaries, exp, _ = execute_runs(batch, batch_dir=str(tmp_path / "batch"))
-    assert exp.runs == len(cfgs) and exp.round_fn.runs == len(cfgs)
+    summaries, exp, *_ = execute_runs(batch, batch_dir=str(tmp_path / "batch"))
+    assert len(exp.runs) == len(cfgs) and exp.round_fn.runs == len(cfgs)
     assert exp.engine_config.runs_vectorized == (cfgs[0].runs_vectorized or len(cfgs))
     assert [s["runs_in_program"] for s in summaries] == [len(cfgs)] * len(cfgs)
     finals = []
@@ -112,7 +112,7 @@ dense = [dataclasses.replace(base, algorithm="fedavg", seed=s, method={"client_l
 out = {}
 for name, group in (("fedpm", cfgs), ("fedavg", dense)):
     batch = [dataclasses.replace(c, workdir=f"{d}/{name}_b{i}") for i, c in enumerate(group)]
-    summaries, exp, _ = execute_runs(batch, batch_dir=f"{d}/{name}_batch")
+    summaries, exp, *_ = execute_runs(batch, batch_dir=f"{d}/{name}_batch")
     out[name] = {"mesh": dict(exp.mesh.shape), "batch": [], "alone": []}
     for i, c in enumerate(group):
         run(dataclasses.replace(c, num_devices=1, workdir=f"{d}/{name}_a{i}"))
@@ -152,7 +152,7 @@ def test_a_batch_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
     execute_runs(stopped, batch_dir=str(tmp_path / "resumed"))
     resumed = [dataclasses.replace(c, resume=True) for c in (dataclasses.replace(s, rounds=3) for s in stopped)]
     seen = [Seen(), Seen()]
-    summaries, _, _ = execute_runs(resumed, batch_dir=str(tmp_path / "resumed"),
+    summaries, *_ = execute_runs(resumed, batch_dir=str(tmp_path / "resumed"),
                                    extra_sinks=[(s,) for s in seen])
     for s in seen:  # it continued from the checkpoint: only round 3 was run
         assert any(line.startswith("resume: continuing after round 2") for line in s.header)
