@@ -8,6 +8,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fedmask_jax"
 METHOD_MODULES = {"fedmask_jax.algorithms.fedpm", "fedmask_jax.algorithms.fedpm_host",
+                  "fedmask_jax.algorithms.masks",
+                  *(f"fedmask_jax.algorithms.masks.{p.stem}" for p in (PACKAGE / "algorithms" / "masks").glob("[!_]*.py")),
                   "fedmask_jax.algorithms.fedavg", "fedmask_jax.algorithms.compressors",
                   "fedmask_jax.algorithms.aggregations",
                   "fedmask_jax.algorithms.registry", "fedmask_jax.masking", "fedmask_jax.coding"}

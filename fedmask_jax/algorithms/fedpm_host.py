@@ -2,7 +2,7 @@
 the final model file.
 
 The round computes every client's exact code lengths on the device
-(``fedpm.coded_bits_prior`` / ``coded_bits_global``) and aggregates the device sums. Real
+(``masks.codecs.coded_bits_prior`` / ``coded_bits_global``) and aggregates the device sums. Real
 range coding is the check that those figures and messages are right: each round a fixed
 number of clients' masks (``--verify_coded_clients``) are collected from the round, coded with
 ``constriction``, decoded and compared, in the background (worker processes where there are
@@ -13,6 +13,7 @@ above its ideal, or a device figure that disagrees with the host's stops the run
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -24,6 +25,7 @@ import numpy as np
 from fedmask_jax import coding, keys, masking
 from fedmask_jax import export as export_lib
 from fedmask_jax.algorithms.base import HostContext, HostHook, RunFault
+from fedmask_jax.config import setting
 
 # A measured code may exceed its ideal length by this fraction, plus the two 32-bit words a
 # range coder needs to flush its state.
@@ -31,6 +33,47 @@ CODING_SLACK = 1e-3
 CODING_FLUSH_BITS = 64
 # The device's float32 code lengths agree with the host's float64 ones to this fraction.
 DEVICE_AGREEMENT = 1e-4
+
+EXPORT_MASKS = ("auto", "sampled", "thresholded", "none")
+
+
+def _verify_count(value: str) -> str | None:
+    if value == "all" or (value.isdigit() and int(value) >= 0):
+        return None
+    return f"must be a number of clients (0, 1, 2, ...) or 'all', got {value!r}"
+
+
+# One declaration for methods whose default differs (klms: off, its message is no mask).
+def coded_uplink_setting(default: bool):
+    return setting(default, "Range-code uplink masks for real (constriction) on the host, off the critical "
+                   "path, to verify the exact code lengths the round computes on the device.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodingCheckConfig:
+    """The host's range-coding check of the uplink masks."""
+
+    coded_uplink: bool = coded_uplink_setting(True)
+    verify_coded_clients: str = setting(
+        "10", "With --coded_uplink: clients per round whose masks are range-coded, decoded and "
+        "checked (a number, or 'all').", check=_verify_count)
+
+    def verified_clients(self, cohort_size: int) -> int:
+        """How many clients' masks are range-coded and checked each round."""
+        if not self.coded_uplink:
+            return 0
+        if self.verify_coded_clients == "all":
+            return cohort_size
+        return min(int(self.verify_coded_clients), cohort_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """The final model file."""
+
+    export_mask: str = setting("auto", "The final model file <workdir>/model.fmjx: one mask sampled "
+                               "from theta_g, or 1[theta_g > 0.5], or none (auto: sampled for "
+                               "fedpm, thresholded for fedmask).", choices=EXPORT_MASKS)
 
 
 def hooks(ctx: HostContext) -> list[HostHook]:
