@@ -11,6 +11,7 @@ import pytest
 from fedmask_jax.algorithms import compressors as C
 from fedmask_jax.algorithms import fedpm as F
 from fedmask_jax.algorithms import registry
+from fedmask_jax.algorithms.masks import klms as K, training
 from tests.helpers import DIGITS_ARCH, digits_client_data, run_round
 
 
@@ -22,11 +23,11 @@ def test_klms_decoded_mask_is_the_candidate_each_index_names():
     cfg = F.KLMSConfig()
     q, p = _probs(jax.random.key(0), 4000), _probs(jax.random.key(1), 4000)
     key = jax.random.key(2)
-    message = F.klms_encode(q, p, key, cfg)
-    decoded = np.asarray(F.klms_decode(message, p, key, cfg))
+    message = K.klms_encode(q, p, key, cfg)
+    decoded = np.asarray(K.klms_decode(message, p, key, cfg))
     block_of, indices = np.asarray(message.block_of), np.asarray(message.indices)
     # Regenerate every candidate from the shared randomness alone (no private key, no q).
-    shared = jax.random.fold_in(key, F.KLMS_SHARED)
+    shared = jax.random.fold_in(key, K.KLMS_SHARED)
     candidates = np.stack([np.asarray(jax.random.uniform(jax.random.fold_in(shared, j), p.shape) < np.asarray(p))
                            for j in range(2 ** cfg.klms_kl_rate)])
     expected = candidates[indices[block_of], np.arange(4000)]
@@ -37,24 +38,24 @@ def test_klms_decoded_mask_is_the_candidate_each_index_names():
 def test_klms_adaptive_blocks_follow_the_kl_rule_and_bits_count_the_message():
     cfg = F.KLMSConfig(klms_kl_rate=3)
     q, p = _probs(jax.random.key(3), 5000), _probs(jax.random.key(4), 5000, 0.3, 0.7)
-    message = F.klms_encode(q, p, jax.random.key(5), cfg)
+    message = K.klms_encode(q, p, jax.random.key(5), cfg)
     block_of = np.asarray(message.block_of)
-    kl = np.asarray(F.kl_bits(q, p), np.float64)
+    kl = np.asarray(K.kl_bits(q, p), np.float64)
     assert np.all(np.diff(block_of) >= 0) and block_of[0] == 0
     sizes = np.bincount(block_of)
     block_kl = np.bincount(block_of, weights=kl)
-    assert sizes.max() <= F.KLMS_MAX_BLOCK
+    assert sizes.max() <= K.KLMS_MAX_BLOCK
     # A block of more than one entry stays within the rate; adding the next entry would not.
     for b in range(len(sizes) - 1):
         if sizes[b] > 1:
             assert block_kl[b] <= 3 + 1e-4
         first_next = np.flatnonzero(block_of == b + 1)[0]
-        assert block_kl[b] + kl[first_next] > 3 - 1e-4 or sizes[b] == F.KLMS_MAX_BLOCK
+        assert block_kl[b] + kl[first_next] > 3 - 1e-4 or sizes[b] == K.KLMS_MAX_BLOCK
     assert int(message.blocks) == len(sizes)
-    assert float(F.klms_bits(message, cfg)) == len(sizes) * (3 + 8)
+    assert float(K.klms_bits(message, cfg)) == len(sizes) * (3 + 8)
     fixed = F.KLMSConfig(klms_adaptive=False, klms_block_size=8, klms_samples_log2=2)
-    m = F.klms_encode(q[:100], p[:100], jax.random.key(6), fixed)
-    assert int(m.blocks) == 13 and float(F.klms_bits(m, fixed)) == 13 * 2
+    m = K.klms_encode(q[:100], p[:100], jax.random.key(6), fixed)
+    assert int(m.blocks) == 13 and float(K.klms_bits(m, fixed)) == 13 * 2
 
 
 def test_klms_with_many_candidates_samples_the_clients_posterior():
@@ -62,13 +63,13 @@ def test_klms_with_many_candidates_samples_the_clients_posterior():
     candidate is distributed (nearly) as q, whatever the prior p."""
     cfg = F.KLMSConfig(klms_adaptive=False, klms_block_size=2, klms_samples_log2=10)
     q, p = jnp.array([0.9, 0.2]), jnp.array([0.5, 0.5])
-    draws = jax.vmap(lambda k: F.klms_decode(F.klms_encode(q, p, k, cfg), p, k, cfg))(
+    draws = jax.vmap(lambda k: K.klms_decode(K.klms_encode(q, p, k, cfg), p, k, cfg))(
         jax.random.split(jax.random.key(7), 3000))
     freq = np.asarray(draws.mean(0))
     np.testing.assert_allclose(freq, [0.9, 0.2], atol=0.03)
     # With one candidate's worth of bits the choice can hardly move away from p.
     few = F.KLMSConfig(klms_adaptive=False, klms_block_size=2, klms_samples_log2=1)
-    draws = jax.vmap(lambda k: F.klms_decode(F.klms_encode(q, p, k, few), p, k, few))(
+    draws = jax.vmap(lambda k: K.klms_decode(K.klms_encode(q, p, k, few), p, k, few))(
         jax.random.split(jax.random.key(8), 3000))
     assert abs(float(draws[:, 0].mean()) - 0.9) > 0.1
 
@@ -87,7 +88,7 @@ def test_klms_round_reports_bits_kl_and_sends_the_decoded_mask():
 def test_entropy_regulariser_gradient_matches_its_closed_form():
     scores = {"a": jax.random.normal(jax.random.key(0), (40, 3)) * 3, "b": jnp.linspace(-8, 8, 17)}
     n = 40 * 3 + 17
-    grads = jax.grad(F.mean_mask_entropy)(scores)
+    grads = jax.grad(training.mean_mask_entropy)(scores)
     for name, s in scores.items():
         sig = jax.nn.sigmoid(s)
         np.testing.assert_allclose(grads[name], -s * sig * (1 - sig) / n, rtol=1e-5, atol=1e-8)
@@ -95,7 +96,7 @@ def test_entropy_regulariser_gradient_matches_its_closed_form():
     s = scores["a"]
     sig = jax.nn.sigmoid(s)
     textbook = -(sig * jnp.log(sig) + (1 - sig) * jnp.log(1 - sig))
-    assert float(F.mean_mask_entropy({"a": s})) == pytest.approx(float(textbook.mean()), rel=1e-5)
+    assert float(training.mean_mask_entropy({"a": s})) == pytest.approx(float(textbook.mean()), rel=1e-5)
 
 
 def test_entropy_regulariser_lowers_the_masks_entropy():

@@ -22,20 +22,18 @@ import jax.numpy as jnp
 from fedmask_jax import masking, models, privacy
 from fedmask_jax.algorithms import fedpm_host
 from fedmask_jax.algorithms.base import ClientResult, FederatedAlgorithm, MethodSpec, PyTree, gradient_step
-from fedmask_jax.algorithms.fedpm_host import EXPORT_MASKS, CodingCheckConfig, ExportConfig  # noqa: F401
+from fedmask_jax.algorithms.fedpm_host import CodingCheckConfig, ExportConfig
 from fedmask_jax.algorithms.masks import beta_server, codecs, downlink as downlink_lib, klms as klms_lib
 from fedmask_jax.algorithms.masks import randomized_response as rr_lib, training
-from fedmask_jax.algorithms.masks.beta_server import BetaServerConfig, FedPMHyper, FedPMServerState  # noqa: F401
-from fedmask_jax.algorithms.masks.codecs import MaskCodec, coded_bits_global, coded_bits_prior  # noqa: F401
-from fedmask_jax.algorithms.masks.downlink import DOWNLINKS, DownlinkConfig  # noqa: F401
-from fedmask_jax.algorithms.masks.klms import (KLMS_MAX_BLOCK, KLMS_PRIVATE, KLMS_SHARED,  # noqa: F401
-                                               KLMSCodecConfig, KLMSMessage, kl_bits, klms_bits,
-                                               klms_blocks, klms_decode, klms_encode)
-from fedmask_jax.algorithms.masks.randomized_response import (RR_STREAM,  # noqa: F401
-                                                              RandomizedResponseConfig, debias_counts,
-                                                              randomized_response)
-from fedmask_jax.algorithms.masks.training import (FedPMClientState, MaskTrainingConfig,  # noqa: F401
-                                                   mean_mask_entropy)
+from fedmask_jax.algorithms.masks.beta_server import BetaServerConfig, FedPMServerState
+from fedmask_jax.algorithms.masks.codecs import MaskCodec
+from fedmask_jax.algorithms.masks.downlink import DownlinkConfig
+from fedmask_jax.algorithms.masks.klms import KLMSCodecConfig
+from fedmask_jax.algorithms.masks.randomized_response import RandomizedResponseConfig
+from fedmask_jax.algorithms.masks.training import FedPMClientState, MaskTrainingConfig
+# Reached through this module by callers that predate the parts.
+from fedmask_jax.algorithms.masks.beta_server import FedPMHyper  # noqa: F401
+from fedmask_jax.algorithms.masks.randomized_response import debias_counts, randomized_response  # noqa: F401
 from fedmask_jax.algorithms.shows import CodedUplink, Column, SecondAccuracy, Shows
 from fedmask_jax.config import check
 
@@ -117,7 +115,8 @@ def binary_uplink(codec: Callable[[], MaskCodec]) -> Callable[[RandomizedRespons
     return make
 
 
-def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig, name: str = "fedpm") -> FederatedAlgorithm:
+def fedpm(model: nn.Module, sample_x: jax.Array, config: FedPMConfig,
+          name: str = "fedpm") -> FederatedAlgorithm:
     """FedPM for a masked Flax ``model``; ``sample_x`` is one input batch for shapes."""
     return mask_method(model, sample_x, config, binary_uplink(codecs.sampled_mask), name)
 

@@ -48,7 +48,7 @@ def binary_mask_bits(mask: PyTree) -> jax.Array:
     return masking.mask_bits(_ones(mask), num_entries(mask))
 
 
-def binary_mask_metrics(mask: PyTree, scores: PyTree, broadcast: PyTree) -> dict[str, jax.Array]:
+def binary_mask_metrics(mask: PyTree, broadcast: PyTree) -> dict[str, jax.Array]:
     """A sent binary mask's density and the exact lengths of its two range codes
     (``coding.py``), per entry."""
     n = num_entries(mask)
@@ -70,9 +70,11 @@ def binary_mask_codec(name: str, mask_of: Callable[[jax.Array, jax.Array], jax.A
         keys = jax.random.split(key, len(leaves))
         return jax.tree.unflatten(treedef, [mask_of(k, s) for k, s in zip(keys, leaves)])
 
+    def metrics(message, mask, scores, broadcast):
+        return binary_mask_metrics(message, broadcast)
+
     return MaskCodec(name, encode, decode=lambda message, broadcast, key: message, bits=binary_mask_bits,
-                     metrics=lambda message, mask, scores, broadcast: binary_mask_metrics(message, scores, broadcast),
-                     binary=True)
+                     metrics=metrics, binary=True)
 
 
 def sampled_mask() -> MaskCodec:

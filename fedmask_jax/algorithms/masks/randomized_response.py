@@ -62,6 +62,7 @@ def with_randomized_response(inner: MaskCodec, epsilon: float) -> MaskCodec:
             randomized_response(jax.random.fold_in(k, RR_STREAM), m, flip) for k, m in zip(keys, masks)])
 
     def server_counts(counts, k):  # unbiased counts of the masks before their flips, within [0, K]
-        return jax.tree.map(lambda c: jnp.clip(debias_counts(c, k, flip), 0.0, k), inner.server_counts(counts, k))
+        counts = inner.server_counts(counts, k)
+        return jax.tree.map(lambda c: jnp.clip(debias_counts(c, k, flip), 0.0, k), counts)
 
     return inner._replace(name=f"rr_{inner.name}", encode=encode, server_counts=server_counts)
