@@ -14,15 +14,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-# A test's programs are small and run a few steps, so compiling them is most of the suite's
-# time, and LLVM's optimisation is most of XLA:CPU's compile time: the suite compiles without
-# it (docs/benchmarks.md, "The suite"). That changes how fast the code runs, and its results
-# at most by float rounding, which every test's comparison already allows for (both sides
-# compiled alike, or a tolerance).
-_QUICK_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_QUICK_COMPILE}".strip()
-
 import pytest  # noqa: E402
 
 
