@@ -56,3 +56,12 @@ def test_coding_workers_leave_a_core_for_the_round(monkeypatch):
     assert fedpm_host.coding_workers(10) == 10 and fedpm_host.coding_workers(40) == 15
     monkeypatch.setattr(fedpm_host.os, "cpu_count", lambda: 2)
     assert fedpm_host.coding_workers(10) == 1
+
+
+@pytest.mark.parametrize("method,kind", [("fedpm", "sampled"), ("fedmask", "thresholded"), ("klms", "sampled")])
+def test_auto_export_writes_the_mask_each_method_sends(method, kind):
+    from fedmask_jax.algorithms import registry
+    config = registry.method_config(method)
+    ctx = HostContext(None, config, DIGITS_ARCH, seed=0, clients_per_round=3, workdir=None)
+    assert config.export_mask == "auto"
+    assert fedpm_host.FinalModel(ctx).kind == kind

@@ -35,7 +35,7 @@ from fedmask_jax.algorithms.masks.training import FedPMClientState, MaskTraining
 from fedmask_jax.algorithms.masks.beta_server import FedPMHyper  # noqa: F401
 from fedmask_jax.algorithms.masks.randomized_response import debias_counts, randomized_response  # noqa: F401
 from fedmask_jax.algorithms.shows import CodedUplink, Column, SecondAccuracy, Shows
-from fedmask_jax.config import check
+from fedmask_jax.config import check, setting
 
 
 # A method's config inherits its parts' configs. Dataclass fields come in the reverse order of
@@ -48,6 +48,14 @@ class FedPMConfig(RandomizedResponseConfig, ExportConfig, CodingCheckConfig, Dow
     def __post_init__(self):
         check(self)
         self.check_randomized_response()
+
+
+@dataclasses.dataclass(frozen=True)
+class FedMaskConfig(FedPMConfig):
+    """FedMask's settings: FedPM's, with the deterministic mask. Its config says so itself, so
+    that every part reading it (training, the final model file's ``auto`` kind) agrees."""
+
+    deterministic: bool = setting(True, "FedMask sends 1[s > 0], never a sample.", flag=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +188,7 @@ SPECS = (
     MethodSpec("fedpm", "FedPM: one sampled binary mask (< 1 bit per parameter after entropy coding)",
                FedPMConfig, _built(fedpm), masked=True, host_hooks=_host_hooks, shows=SHOWS),
     MethodSpec("fedmask", "FedMask-style: the deterministic mask 1[sigmoid(s) > 0.5]",
-               FedPMConfig, _built(fedmask), masked=True, host_hooks=_host_hooks, shows=SHOWS),
+               FedMaskConfig, _built(fedmask), masked=True, host_hooks=_host_hooks, shows=SHOWS),
     MethodSpec("klms", "FedPM-KLMS: per block of mask entries, the index of one of 2^b candidates "
                "drawn from theta_g with shared randomness (importance-sampled by q/p)",
                KLMSConfig, _built(klms), masked=True, host_hooks=_host_hooks, shows=SHOWS),
