@@ -10,7 +10,12 @@
 #      (c) the other seeds; then the plain comparison command once more, which must find every
 #      run done and only rebuild the tables.
 # Every step skips the work already finished, so re-running the script (say, in the next
-# session) continues where it stopped. Each step's start, end, exit status, wall seconds and the
+# session) continues where it stopped. A session's machine does not outlive it, so each finished
+# run's record (config.json, metrics.jsonl, summary.json) is also copied into $RESULTS, which
+# git tracks: commit it, and the next session's start copies it back into runs/ (a run that was
+# interrupted starts again; its checkpoints stay in runs/, which git ignores). A method whose
+# flagfile in experiments/configs/methods_conv4_cpu is already tuned is not tuned again
+# (RETUNE=1 does). Each step's start, end, exit status, wall seconds and the
 # CPU seconds of its processes go to $TIMES (and to stdout). Meant to run in the background:
 #   setsid nice -n 19 bash scripts/conv4_comparison.sh > runs/conv4_comparison.log 2>&1 &
 # CONV4_DRY_RUN=1: the same pipeline with 1 round, 128 images per client and one extra seed, in
@@ -31,12 +36,17 @@ if [[ "${CONV4_DRY_RUN:-0}" == 1 ]]; then
   cp -r experiments/configs/methods_conv4_cpu "$SCRATCH/methods_conv4_cpu"
   METHODS_DIR=$SCRATCH/methods_conv4_cpu
   TUNE_DIR=$SCRATCH/tune
+  COMPARE_DIR=$SCRATCH/compare
+  RESULTS=$SCRATCH/results
   TIMES=$SCRATCH/times.log
   SMALL=(--rounds=1 --max_examples_per_client=128)
-  COMPARE_EXTRA=(--method_configs="$METHODS_DIR" --compare_dir="$SCRATCH/compare" --seeds=1)
+  RETUNE=${RETUNE:-1}
+  COMPARE_EXTRA=(--method_configs="$METHODS_DIR" --compare_dir="$COMPARE_DIR" --seeds=1)
 else
   METHODS_DIR=experiments/configs/methods_conv4_cpu
   TUNE_DIR=runs/tune_conv4_cpu
+  COMPARE_DIR=runs/compare_fmnist_conv4_cpu
+  RESULTS=results/conv4_cpu
   TIMES=runs/conv4_comparison_times.log
   SMALL=()
   COMPARE_EXTRA=()
@@ -44,6 +54,27 @@ fi
 mkdir -p "$(dirname "$TIMES")"
 
 note() { echo "$(date -Is) $*" | tee -a "$TIMES"; }
+
+# The records of finished runs, between runs/ (this machine) and $RESULTS (tracked by git):
+# keep = runs/ -> $RESULTS, bring = $RESULTS -> runs/. Only a folder with a summary.json is a
+# finished run; bring never overwrites one that runs/ already has.
+RECORD=(config.json metrics.jsonl summary.json)
+records() {
+  local way=$1 from to dir rel
+  for base in "$TUNE_DIR" "$COMPARE_DIR"; do
+    if [[ $way == keep ]]; then from=$base to=$RESULTS/${base##*/}; else from=$RESULTS/${base##*/} to=$base; fi
+    [[ -d $from ]] || continue
+    while IFS= read -r dir; do
+      rel=${dir#"$from"/}
+      [[ $way == bring && -f $to/$rel/summary.json ]] && continue
+      mkdir -p "$to/$rel"
+      for f in "${RECORD[@]}"; do [[ -f $dir/$f ]] && cp -p "$dir/$f" "$to/$rel/$f"; done
+    done < <(find "$from" -name summary.json -printf '%h\n' | sort)
+  done
+  [[ $way == keep ]] && mkdir -p "$RESULTS" && cp -p "$TIMES" "$RESULTS/times.log"
+  [[ $way == bring && ! -f $TIMES && -f $RESULTS/times.log ]] && cp -p "$RESULTS/times.log" "$TIMES"
+  return 0
+}
 
 # step NAME CMD...: runs CMD, logging its exit status, wall time and CPU time (its processes',
 # user + system, children included); returns CMD's exit status.
@@ -63,12 +94,14 @@ step() {
   rm -f "$tf"
   note "end $name rc=$rc wall_s=$(( $(date +%s) - t0 )) cpu_user_s=$user cpu_sys_s=$sys"
   CURRENT=none
+  records keep
   return $rc
 }
 # A stopped session (SIGTERM, SIGINT, SIGHUP) logs how long the step it interrupted had run;
 # the finished runs' own times stay in their summary.json (total_time_s).
 interrupted() {
   note "interrupted by SIG$1 during $CURRENT after wall_s=$(( $(date +%s) - T0 ))"
+  records keep
   exit 143
 }
 trap 'interrupted TERM' TERM
@@ -76,6 +109,7 @@ trap 'interrupted INT' INT
 trap 'interrupted HUP' HUP
 
 main() {
+  records bring
   note "session: pid $$ pgid $(ps -o pgid= $$ | tr -d ' ') nice $(ps -o ni= $$ | tr -d ' ')" \
        "HEAD $(git rev-parse --short HEAD) local changes: $(git status --short -- fedmask_jax experiments | wc -l) files" \
        "dry_run=${CONV4_DRY_RUN:-0}"
@@ -87,6 +121,10 @@ main() {
   failed=0
   for spec in "${TUNE[@]}"; do
     IFS=: read -r method param values <<< "$spec"
+    if [[ ${RETUNE:-0} != 1 && -f $METHODS_DIR/$method.flags ]] && ! grep -q "NOT YET TUNED" "$METHODS_DIR/$method.flags"; then
+      note "tune_$method: already tuned ($METHODS_DIR/$method.flags); RETUNE=1 tunes again"
+      continue
+    fi
     # A best value at an end of the grid: the grid grows by one step that way and the sweep runs
     # again (its finished points are kept), at most twice; then the edge value is taken as it is.
     for widen in 0 1 2; do
