@@ -40,3 +40,28 @@ def run_round(alg, data, clients, *, chunk=1, epochs=2, batch_size=64, strategy=
     store = engine.init_store(alg, data.index.shape[0]) if store is None else store
     key = jax.random.key(7) if key is None else key
     return engine.make_round_fn(alg, cfg, strategy)(server, store, data, cohort, key)
+
+
+def wait_for_checkpoint(workdir, proc, at_least=1, seconds=300):
+    """Waits until a run started as ``proc`` has a complete checkpoint of round ``at_least`` or
+    later in ``workdir``. Any such round counts: older checkpoints are deleted as new ones
+    land, so a poll can miss the one of round ``at_least`` itself. A run that ends first or
+    takes longer fails the test, and a run still going is killed (it may be set for 100,000
+    rounds) before its output is read."""
+    import os
+    import time
+
+    folder = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + seconds
+    while True:
+        steps = [int(d) for d in (os.listdir(folder) if os.path.isdir(folder) else ()) if d.isdigit()
+                 and os.path.exists(os.path.join(folder, d, "integrity.json"))]
+        if any(s >= at_least for s in steps):
+            return
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            _, err = proc.communicate(timeout=60)
+            raise AssertionError(f"no checkpoint of round >= {at_least} in {folder} "
+                                 f"(exit status {proc.returncode}): {err}")
+        time.sleep(0.1)

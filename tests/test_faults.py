@@ -15,6 +15,7 @@ import pytest
 from fedmask_jax import outputs
 from fedmask_jax.checkpoints import CheckpointError
 from fedmask_jax.simulation import RunConfig, run
+from tests.helpers import wait_for_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = RunConfig(dataset="digits", mlp_hidden=(16,), num_clients=4, clients_per_round=3, rounds=4,
@@ -425,18 +426,11 @@ def test_a_really_full_disk_is_one_error_line(tmp_path):
         r"\d+; free some space or choose another --workdir\n", err), err
 
 
-def _wait_for(path, proc, seconds=300):
-    deadline = time.time() + seconds
-    while not os.path.exists(path):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_sigterm_ends_a_run_with_one_line_exit_143_and_its_rounds_on_disk(tmp_path):
     workdir = tmp_path / "w"
     proc = _cli(*FLAGS, "--rounds=100000", "--checkpoint_every=1", f"--workdir={workdir}")
-    _wait_for(workdir / "checkpoints" / "2" / "integrity.json", proc)
+    wait_for_checkpoint(workdir, proc, at_least=2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143

@@ -131,14 +131,12 @@ def _start_sweep(tmp_path, *extra):
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_an_interrupted_sweep_stops_its_point_cleanly_with_one_line(tmp_path, how):
     import signal
-    import time
+
+    from tests.helpers import wait_for_checkpoint
 
     proc = _start_sweep(tmp_path)
     point = tmp_path / "sweep" / "seed=0"
-    deadline = time.time() + 300
-    while not (point / "checkpoints" / "1" / "integrity.json").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
+    wait_for_checkpoint(point, proc)
     if how == "ctrl-c":  # a terminal signals the whole foreground process group
         os.killpg(proc.pid, signal.SIGINT)
     else:  # a scheduler's SIGTERM may reach the sweep alone: it hands it on
