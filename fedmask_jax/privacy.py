@@ -23,16 +23,23 @@ event, so everything here uses its RDP accountant.)
 
 from __future__ import annotations
 
+import importlib
 import math
 from functools import lru_cache
-
-import dp_accounting
-from dp_accounting import rdp
+from typing import TYPE_CHECKING
 
 from fedmask_jax.algorithms.base import HostContext, HostHook
 from fedmask_jax.config import setting
 
-REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+if TYPE_CHECKING:
+    import dp_accounting
+
+
+def _dp():
+    """dp-accounting, imported when an accountant is first built: it brings scipy, about a
+    second of every run's start (and of every subprocess the tests start), and most runs
+    have no DP."""
+    return importlib.import_module("dp_accounting")
 
 
 # The accountant's two settings, a field of each method config it reads: one flag shared by
@@ -50,9 +57,10 @@ def target_epsilon_setting():
 def gaussian_round(noise_multiplier: float, num_clients: int, clients_per_round: int,
                    uniform_sampling: bool = True) -> dp_accounting.DpEvent:
     """One DP-FedAvg round (see the module docstring)."""
-    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2.0)
+    dp = _dp()
+    gaussian = dp.GaussianDpEvent(noise_multiplier / 2.0)
     if uniform_sampling and clients_per_round < num_clients:
-        return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
+        return dp.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
     return gaussian
 
 
@@ -65,8 +73,9 @@ def randomized_response_round(entry_epsilon: float, entries: int) -> dp_accounti
     """One round of a client's mask under per-entry randomized response. dp-accounting's
     randomized response over 2 buckets with noise parameter r outputs a uniform bucket with
     probability r, i.e. flips with probability r / 2."""
-    one = dp_accounting.RandomizedResponseDpEvent(2.0 * flip_probability(entry_epsilon), 2)
-    return dp_accounting.SelfComposedDpEvent(one, entries)
+    dp = _dp()
+    one = dp.RandomizedResponseDpEvent(2.0 * flip_probability(entry_epsilon), 2)
+    return dp.SelfComposedDpEvent(one, entries)
 
 
 class Accountant:
@@ -77,7 +86,8 @@ class Accountant:
         self.epsilon = lru_cache(maxsize=None)(self._epsilon)
 
     def _epsilon(self, rounds: int) -> float:
-        accountant = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
+        dp = _dp()
+        accountant = dp.rdp.RdpAccountant(neighboring_relation=dp.NeighboringRelation.REPLACE_ONE)
         accountant.compose(self.round_event, rounds)
         return float(accountant.get_epsilon(self.delta))
 

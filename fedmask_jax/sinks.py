@@ -127,12 +127,27 @@ class MetricsJsonl(Sink):
         return {}
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter. Where PyTorch is installed and not yet imported,
+    tensorboardX imports it only to accept torch tensors, which these sinks never pass: about
+    1.4 s of every run's start. A None in sys.modules makes that import fail, which
+    tensorboardX handles; the entry is removed at once, so torch imports normally later."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoard(Sink):
     """Every numeric field of every round as a TensorBoard scalar (tensorboardX)."""
 
     def __init__(self, logdir: str, start_round: int = 0):
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer()
         # purge_step drops events a killed run wrote after its last checkpoint.
         self._writer = SummaryWriter(logdir, purge_step=start_round + 1 if start_round else None)
 
