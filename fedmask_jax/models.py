@@ -274,9 +274,20 @@ def count_entries(tree) -> int:
 
 
 def init_model_variables(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> dict:
-    """Scores and frozen weights from one key -- how a saved model rebuilds its weights."""
-    k_scores, k_frozen, k_mask = jax.random.split(key, 3)
-    return model.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, sample_x)
+    """Scores and frozen weights from one key -- how a saved model rebuilds its weights.
+
+    One compiled program: run eagerly, flax's init compiles each layer's draws and its
+    forward pass op by op (about 50 small programs for a one-layer MLP, most of a small run's
+    compile time); the values are the same bit for bit (tests/test_models.py)."""
+    def init(key, sample_x):
+        k_scores, k_frozen, k_mask = jax.random.split(key, 3)
+        return model.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, sample_x)
+    return jax.jit(init)(key, sample_x)
+
+
+def init_dense_variables(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> dict:
+    """An unmasked model's variables, as one compiled program (see ``init_model_variables``)."""
+    return jax.jit(model.init)(key, sample_x)
 
 
 def unflat_like(vector: jax.Array, like: Any) -> Any:

@@ -113,3 +113,19 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(window, expe
     x = jnp.asarray(window, jnp.float32).reshape(1, 2, 2, 1)
     grad = jax.grad(lambda x: 3.0 * models.max_pool_2x2(x).sum())(x)
     np.testing.assert_array_equal(grad.reshape(2, 2), 3.0 * np.asarray(expected))
+
+
+@pytest.mark.parametrize("name,weight_init", [("mlp", "signed_constant"), ("mlp", "signed_kaiming"),
+                                              ("conv4", "signed_constant")])  # eager conv init is slow
+def test_compiled_init_gives_the_eager_variables_bit_for_bit(name, weight_init):
+    arch = models.Architecture(name, 10, (8, 8, 1), mlp_hidden=(16,), width=0.125)
+    key, x = jax.random.key(3), arch.sample_input()
+    masked = arch.build(masked=True, weight_init=weight_init)
+    k_scores, k_frozen, k_mask = jax.random.split(key, 3)
+    eager = masked.init({"params": k_scores, "frozen": k_frozen, "mask": k_mask}, x)
+    dense = arch.build(masked=False)
+    for got, want in [(models.init_model_variables(masked, x, key), eager),
+                      (models.init_dense_variables(dense, x, key), dense.init(key, x))]:
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -174,7 +174,7 @@ class FedAvgClientState(NamedTuple):
 
 
 def init_dense_params(model: nn.Module, sample_x: jax.Array, key: jax.Array) -> PyTree:
-    return model.init(key, sample_x)["params"]
+    return models.init_dense_variables(model, sample_x, key)["params"]
 
 
 def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig,

@@ -170,6 +170,16 @@ class UplinkCodingCheck(HostHook):
             self._coders.shutdown(wait=True, cancel_futures=True)
 
 
+@jax.jit
+def _final_mask_counts(scores, key):
+    """theta_g's leaves, and per leaf the ones of a mask sampled from it (leaf i with
+    fold_in(key, i)) and of the thresholded mask: one program, where eager ops would compile
+    two per leaf shape."""
+    theta = jax.tree.leaves(masking.keep_probabilities(scores))
+    sampled = [jnp.sum(jax.random.bernoulli(jax.random.fold_in(key, i), t)) for i, t in enumerate(theta)]
+    return theta, sampled, [jnp.sum(t > 0.5) for t in theta]
+
+
 class FinalModel(HostHook):
     """At the end: the ideal size of the final model's mask, and the model file (seed +
     architecture + one range-coded mask) in the workdir."""
@@ -183,11 +193,8 @@ class FinalModel(HostHook):
     def finish(self, server, history) -> dict:
         ctx = self.ctx
         n = ctx.algorithm.num_params
-        theta = jax.tree.leaves(masking.keep_probabilities(server.scores))
-        key = keys.stream(ctx.seed, keys.FINAL_MODEL_SIZE)
-        sampled = sum(float(jnp.sum(jax.random.bernoulli(jax.random.fold_in(key, i), t)))
-                      for i, t in enumerate(theta))
-        thresholded = sum(float(jnp.sum(t > 0.5)) for t in theta)
+        theta, sampled, thresholded = _final_mask_counts(server.scores, keys.stream(ctx.seed, keys.FINAL_MODEL_SIZE))
+        sampled, thresholded = (sum(int(c) for c in counts) for counts in (sampled, thresholded))
         bits = lambda ones: float(masking.mask_bits(jnp.float32(ones), n)) / n  # noqa: E731
         out = {"final_model_bpp": bits(sampled), "final_model_bpp_thresholded": bits(thresholded)}
         if self.kind != "none" and ctx.workdir is not None:
