@@ -146,7 +146,8 @@ def test_fedpm_conv4_round_in_bf16_is_close_to_f32():
 
     results = {}
     for p in ("f32", "bf16"):
-        cfg = RunConfig(dataset="digits", model="conv4", width=0.25, num_clients=2, clients_per_round=2,
+        # test_conv_kernels' setting: its f32 round is the same program, compiled once for both
+        cfg = RunConfig(dataset="digits", model="conv4", width=0.25, num_clients=4, clients_per_round=2,
                         local_epochs=1, batch_size=32, max_examples_per_client=64, conv_precision=p,
                         verbose=False, method={"coded_uplink": False})
         exp = experiment.build(cfg, dataset=digits())

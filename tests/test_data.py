@@ -5,7 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from fedmask_jax.data import DataError, archives, load_dataset, splits
+from fedmask_jax.data import DataError, archives, datasets, load_dataset, splits
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -219,3 +219,13 @@ def test_offline_download_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="there is no network .*Network is unreachable.*To fix"):
         load_dataset("cifar10", data_dir=str(tmp_path / "tfds"), archive_dirs=[empty], download=True)
     assert time.perf_counter() - t0 < 30
+
+
+def test_digits_are_read_as_scikit_learns_load_digits_reads_them():
+    from sklearn.datasets import load_digits
+
+    pixels, target = datasets._sklearn_digits()
+    reference = load_digits()
+    np.testing.assert_array_equal(pixels, reference.data)
+    np.testing.assert_array_equal(target, reference.target)
+    assert pixels.dtype == reference.data.dtype and target.dtype == reference.target.dtype

@@ -179,8 +179,8 @@ def test_every_engine_program_gets_the_compiler_options(strategy, monkeypatch):
         seen.append(kwargs.get("compiler_options", "missing"))
         return real_jit(fn, **kwargs)
 
+    alg = small_fedpm()  # building the method compiles its init, which is not an engine program
     monkeypatch.setattr(jax, "jit", recording_jit)
-    alg = small_fedpm()
     cfg = engine.EngineConfig(batch_size=64, local_epochs=1, client_chunk_size=1)
     engine.make_round_fn(alg, dataclasses.replace(cfg, collect=1), strategy)
     engine.make_eval_fn(alg, 64, engine.compiler_options(cfg))

@@ -115,10 +115,11 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(window, expe
     np.testing.assert_array_equal(grad.reshape(2, 2), 3.0 * np.asarray(expected))
 
 
-@pytest.mark.parametrize("name,weight_init", [("mlp", "signed_constant"), ("mlp", "signed_kaiming"),
-                                              ("conv4", "signed_constant")])  # eager conv init is slow
-def test_compiled_init_gives_the_eager_variables_bit_for_bit(name, weight_init):
-    arch = models.Architecture(name, 10, (8, 8, 1), mlp_hidden=(16,), width=0.125)
+@pytest.mark.parametrize("weight_init", ["signed_constant", "signed_kaiming"])
+def test_compiled_init_gives_the_eager_variables_bit_for_bit(weight_init):
+    # On the MLP only: an eager conv init compiles so many small programs that it took 36 s here
+    # (conv4 and conv6 were compared once, by hand: equal; docs/benchmarks.md, "The suite").
+    arch = models.Architecture("mlp", 10, (8, 8, 1), mlp_hidden=(16,))
     key, x = jax.random.key(3), arch.sample_input()
     masked = arch.build(masked=True, weight_init=weight_init)
     k_scores, k_frozen, k_mask = jax.random.split(key, 3)

@@ -244,14 +244,32 @@ def _verify_prepared(name: str, folder: str) -> None:
 
 def load_digits(seed: int = 0, test_size: int = 297) -> Dataset:
     """scikit-learn's 8x8 digits as uint8 images, with a fixed train/test split."""
-    from sklearn.datasets import load_digits as sk_load
-
-    d = sk_load()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    pixels, target = _sklearn_digits()
+    images = np.round(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[..., None]
     order = np.random.default_rng(seed).permutation(len(images))
     train, test = order[test_size:], order[:test_size]
-    return Dataset("digits", images[train], d.target[train].astype(np.int32),
-                   images[test], d.target[test].astype(np.int32), 10)
+    return Dataset("digits", images[train], target[train].astype(np.int32),
+                   images[test], target[test].astype(np.int32), 10)
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits file, read as its ``load_digits`` reads it (a gzipped CSV, the
+    label last), without importing scikit-learn: that import (scipy with it) is about 2 s of
+    every digits run's start, the tests' subprocesses among them."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") \
+        if spec and spec.submodule_search_locations else None
+    if path is None or not os.path.isfile(path):
+        from sklearn.datasets import load_digits as sk_load  # its own error if it is missing
+
+        d = sk_load()
+        return d.data, d.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
 
 
 def load_dataset(name: str, *, data_dir: str | None = None, archive_dirs: Sequence[str] = (),
