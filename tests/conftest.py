@@ -13,6 +13,15 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# A test's programs are small and run a few steps, so compiling them is most of the suite's
+# time, and LLVM's -O2 passes are much of XLA:CPU's compile time. The suite's programs (and
+# its subprocesses', which inherit the environment) are compiled at -O1: much faster to
+# compile, and rounded as at -O2 but for the last bits of some sums over a model (measured in
+# docs/benchmarks.md, "The suite"). -O0 was not taken: it rounds elementwise ops differently,
+# and sampled masks then diverge.
+_COMPILE = "--xla_backend_optimization_level=1"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_COMPILE}".strip()
 
 import pytest  # noqa: E402
 
