@@ -26,36 +26,40 @@ def _rows(workdir):
         return [json.loads(line) for line in f]
 
 
-def _batch_vs_alone(tmp_path, cfgs, keys):
-    batch = [dataclasses.replace(c, workdir=str(tmp_path / f"b{i}")) for i, c in enumerate(cfgs)]
-    summaries, exp, *_ = execute_runs(batch, batch_dir=str(tmp_path / "batch"))
-    assert len(exp.runs) == len(cfgs) and exp.round_fn.runs == len(cfgs)
-    assert exp.engine_config.runs_vectorized == (cfgs[0].runs_vectorized or len(cfgs))
-    assert [s["runs_in_program"] for s in summaries] == [len(cfgs)] * len(cfgs)
-    finals = []
+def _batch_vs_alone(tmp_path, cfgs, keys, batch_settings=({},)):
+    """Each run alone, then all of them as one batch for each of ``batch_settings`` (changes to
+    every run's config, e.g. how many are vmapped at once): each batch gives each run its own
+    records and summary."""
+    alone = []
     for i, c in enumerate(cfgs):
-        alone = run(dataclasses.replace(c, workdir=str(tmp_path / f"a{i}")))
-        assert alone["runs_in_program"] == 1
-        a, b = _rows(tmp_path / f"a{i}"), _rows(tmp_path / f"b{i}")
-        assert len(a) == len(b) == c.rounds
-        for ra, rb in zip(a, b):
-            for k in keys:  # the same arithmetic, vmapped: equal to float32 rounding
-                assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (i, ra["round"], k)
-        finals.append(a[-1])
-        assert summaries[i]["final_test_accuracy"] == pytest.approx(alone["final_test_accuracy"], abs=1e-7)
-        assert summaries[i]["seed"] == c.seed and summaries[i]["workdir"] == str(tmp_path / f"b{i}")
+        summary = run(dataclasses.replace(c, workdir=str(tmp_path / f"a{i}")))
+        assert summary["runs_in_program"] == 1
+        alone.append((summary, _rows(tmp_path / f"a{i}")))
+    for j, settings in enumerate(batch_settings):
+        batch = [dataclasses.replace(c, workdir=str(tmp_path / f"b{j}_{i}"), **settings) for i, c in enumerate(cfgs)]
+        summaries, exp, *_ = execute_runs(batch, batch_dir=str(tmp_path / f"batch{j}"))
+        assert len(exp.runs) == len(cfgs) and exp.round_fn.runs == len(cfgs)
+        assert exp.engine_config.runs_vectorized == (batch[0].runs_vectorized or len(cfgs))
+        assert [s["runs_in_program"] for s in summaries] == [len(cfgs)] * len(cfgs)
+        for i, c in enumerate(batch):
+            a, b = alone[i][1], _rows(tmp_path / f"b{j}_{i}")
+            assert len(a) == len(b) == c.rounds
+            for ra, rb in zip(a, b):
+                for k in keys:  # the same arithmetic, vmapped: equal to float32 rounding
+                    assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (settings, i, ra["round"], k)
+            assert summaries[i]["final_test_accuracy"] == pytest.approx(alone[i][0]["final_test_accuracy"], abs=1e-7)
+            assert summaries[i]["seed"] == c.seed and summaries[i]["workdir"] == c.workdir
     # The runs really differ (a batch that ran run 0 thrice would match nothing above but run 0).
-    assert len({round(f["train_loss"], 7) for f in finals}) == len(cfgs)
+    assert len({round(rows[-1]["train_loss"], 7) for _, rows in alone}) == len(cfgs)
 
 
-@pytest.mark.parametrize("vectorized", [0, 2])  # all 3 vmapped; a vmapped pair, then the third
-def test_fedpm_runs_in_one_program_match_each_alone(tmp_path, vectorized):
-    base = dataclasses.replace(BASE, runs_vectorized=vectorized)
-    cfgs = [dataclasses.replace(base, seed=0, method={"client_lr": 0.05}),
-            dataclasses.replace(base, seed=1, method={"client_lr": 0.2}),
-            dataclasses.replace(base, seed=2, split="dirichlet",
+def test_fedpm_runs_in_one_program_match_each_alone(tmp_path):
+    cfgs = [dataclasses.replace(BASE, seed=0, method={"client_lr": 0.05}),
+            dataclasses.replace(BASE, seed=1, method={"client_lr": 0.2}),
+            dataclasses.replace(BASE, seed=2, split="dirichlet",
                                 method={"epsilon": 0.02, "lambda0": 2.0, "prior_reset_period": 2})]
-    _batch_vs_alone(tmp_path, cfgs, KEYS + MASK_KEYS)
+    # all 3 vmapped; a vmapped pair, then the third
+    _batch_vs_alone(tmp_path, cfgs, KEYS + MASK_KEYS, [{"runs_vectorized": 0}, {"runs_vectorized": 2}])
 
 
 def test_dense_runs_in_one_program_match_each_alone(tmp_path):
