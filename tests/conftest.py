@@ -34,3 +34,9 @@ def no_compiling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("compiled before rejecting the input")
     monkeypatch.setattr(engine.RoundFn, "compile", refuse)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tier first: the workers share out the long tests while the queue is full and
+    finish on short ones, instead of one worker ending on a minute-long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within
