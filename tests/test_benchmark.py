@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("torch")
 
 
-def test_benchmark_writes_json_and_docs_table(tmp_path):
+def test_benchmark_writes_json_and_docs_table(tmp_path, fashion_mnist_tfds):
     docs = tmp_path / "bench.md"
     docs.write_text("# B\n\nbefore\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -23,7 +23,7 @@ def test_benchmark_writes_json_and_docs_table(tmp_path):
         [sys.executable, "-m", "experiments.benchmark", "--cases=mlp_w05_k10",
          "--examples_per_client=16", "--local_epochs=1", "--batch_size=8", "--timed_rounds=3",
          "--min_timed_seconds=0", f"--workdir={tmp_path / 'out'}", f"--docs={docs}",
-         f"--data_dir={tmp_path / 'tfds'}"],
+         f"--data_dir={fashion_mnist_tfds}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [r] = json.loads((tmp_path / "out" / "benchmark.json").read_text())

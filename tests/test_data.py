@@ -160,9 +160,10 @@ def test_unknown_dataset():
         load_dataset("imagenet")
 
 
-def test_real_fashion_mnist_from_the_debian_package(tmp_path):
+def test_real_fashion_mnist_from_the_debian_package(fashion_mnist_tfds):
     assert os.path.isdir(FMNIST_DIR), "scripts/setup.sh installs dataset-fashion-mnist"
-    ds = load_dataset("fashion_mnist", data_dir=str(tmp_path / "tfds"), download=False)
+    assert (fashion_mnist_tfds / "fashion_mnist").is_dir()  # prepared there from the archives
+    ds = load_dataset("fashion_mnist", data_dir=str(fashion_mnist_tfds), download=False)
     assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (10000, 28, 28, 1)
     assert np.bincount(ds.y_train).tolist() == [6000] * 10
     assert np.bincount(ds.y_test).tolist() == [1000] * 10

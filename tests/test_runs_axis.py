@@ -119,9 +119,12 @@ for name, group in (("fedpm", cfgs), ("fedavg", dense)):
     summaries, exp, *_ = execute_runs(batch, batch_dir=f"{d}/{name}_batch")
     out[name] = {"mesh": dict(exp.mesh.shape), "batch": [], "alone": []}
     for i, c in enumerate(group):
+        out[name]["batch"].append([json.loads(l) for l in open(f"{d}/{name}_b{i}/metrics.jsonl")])
+        if name == "fedpm" and i % 2:
+            out[name]["alone"].append(None)  # runs 0 and 2 alone: two devices of the runs axis, two federations
+            continue
         run(dataclasses.replace(c, num_devices=1, workdir=f"{d}/{name}_a{i}"))
-        for kind, w in (("batch", f"{d}/{name}_b{i}"), ("alone", f"{d}/{name}_a{i}")):
-            out[name][kind].append([json.loads(l) for l in open(w + "/metrics.jsonl")])
+        out[name]["alone"].append([json.loads(l) for l in open(f"{d}/{name}_a{i}/metrics.jsonl")])
 print("RESULT " + json.dumps(out))
 """
 
@@ -138,7 +141,9 @@ def test_runs_sharded_over_eight_devices_match_each_alone_on_one(tmp_path):
     assert out["fedpm"]["mesh"] == {"runs": 4, "clients": 2}
     assert out["fedavg"]["mesh"] == {"runs": 2, "clients": 4}
     for name, keys in (("fedpm", KEYS + MASK_KEYS), ("fedavg", KEYS)):
-        for batch, alone in zip(out[name]["batch"], out[name]["alone"]):
+        pairs = [(b, a) for b, a in zip(out[name]["batch"], out[name]["alone"]) if a is not None]
+        assert len(pairs) == 2
+        for batch, alone in pairs:
             assert len(batch) == len(alone) == 2
             for rb, ra in zip(batch, alone):
                 for k in keys:  # psum over clients sums in another order than one device
