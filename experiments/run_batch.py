@@ -47,22 +47,29 @@ def batches(cfgs, max_runs: int) -> list[list[int]]:
     return [list(range(i, min(i + max_runs, len(cfgs)))) for i in range(0, len(cfgs), max_runs)]
 
 
-def runs_per_program(cfgs, dataset, requested: int) -> int:
-    """How many of ``cfgs`` one program holds here (``engine.plan_execution``; 0: they run one
-    at a time); ``requested``: the sweep's --max_runs_per_program (0: as many as fit)."""
+def method_entries(cfg, dataset) -> tuple[int, bool]:
+    """The entries a run of ``cfg`` trains and sends (its algorithm's ``num_params``, which
+    build plans by), from the model's shapes alone, and whether the model has convolutions."""
     import jax
 
-    from fedmask_jax import engine, models
+    from fedmask_jax import models
     from fedmask_jax.algorithms import registry
 
-    cfg = cfgs[0]
     arch = models.Architecture(cfg.model, dataset.num_classes, dataset.input_shape, cfg.width,
                                tuple(cfg.mlp_hidden))
-    # Sized by the model's variables (a masked model's scores and frozen weights), as before
-    # the plan was shared; build sizes a run by its method's entries (algorithm.num_params).
-    num_params = models.count_entries(jax.eval_shape(
-        arch.build(masked=registry.spec(cfg.algorithm).masked).init, jax.random.key(0), arch.sample_input()))
-    plan = engine.plan_execution(cfg, runs=len(cfgs), num_params=num_params, conv=arch.conv,
+    variables = jax.eval_shape(arch.build(masked=registry.spec(cfg.algorithm).masked).init,
+                               jax.random.key(0), arch.sample_input())
+    return models.count_entries(variables["params"]), arch.conv  # a masked model's scores, not its frozen weights
+
+
+def runs_per_program(cfgs, dataset, requested: int) -> int:
+    """How many of ``cfgs`` one program holds here (``engine.plan_execution``, sized as build
+    sizes a run; 0: they run one at a time); ``requested``: the sweep's --max_runs_per_program
+    (0: as many as fit)."""
+    from fedmask_jax import engine
+
+    num_params, conv = method_entries(cfgs[0], dataset)
+    plan = engine.plan_execution(cfgs[0], runs=len(cfgs), num_params=num_params, conv=conv,
                                  max_runs_per_program=requested)
     return plan.runs_per_program
 

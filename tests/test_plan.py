@@ -86,3 +86,21 @@ def test_a_plan_is_a_frozen_value():
     assert plan == engine.ExecutionPlan("scan", 10, "per_client", 1, 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.strategy = "host_loop"
+
+
+@pytest.mark.parametrize("algorithm", ["fedpm", "klms", "fedavg", "topk"])
+@pytest.mark.parametrize("model", ["mlp", "conv4"])
+def test_run_batch_sizes_a_run_by_the_entries_build_plans_by(algorithm, model):
+    """A sweep groups its points by the same size as build plans each program by: the
+    method's entries, not a masked model's scores and frozen weights together."""
+    from experiments import run_batch
+    from fedmask_jax import models
+    from fedmask_jax.algorithms import registry
+    from fedmask_jax.data import load_dataset
+    from fedmask_jax.run_config import RunConfig
+
+    ds = load_dataset("digits")
+    cfg = RunConfig(dataset="digits", algorithm=algorithm, model=model, mlp_hidden=(32,), width=0.25)
+    arch = models.Architecture(model, ds.num_classes, ds.input_shape, cfg.width, tuple(cfg.mlp_hidden))
+    built = registry.spec(algorithm).build(arch, cfg.method_config)
+    assert run_batch.method_entries(cfg, ds) == (built.num_params, model == "conv4")
