@@ -10,7 +10,8 @@ fedpm, or a variant such as ``fedpm_kaiming.flags`` (its ``--algorithm`` says wh
 it may only set method flags (checked before anything runs). Each entry runs as an
 ``experiments.run`` subprocess in ``<compare_dir>/<entry>`` with ``--resume``: re-running the
 command skips finished runs and continues interrupted ones; a failed run is reported and the
-others go on.
+others go on. Ctrl-C or SIGTERM (to this process alone or to its process group) stops the run
+in progress with its rounds on disk, and then the comparison (exit 130 or 143).
 
 ``--seeds`` repeats the entries of ``--seeds_for`` (``topN_baselines``: the N baselines -- not
 fedpm or klms -- with the best final accuracy at the setting's seed) at more seeds, in
@@ -39,13 +40,14 @@ if __name__ == "__main__":  # first, before the heavy imports: it may re-execute
     huge_pages.ensure()
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
 
-from experiments import exit_codes
+from experiments import cli, exit_codes
 from experiments import run as run_cli  # noqa: F401 -- defines the run and method flags
-from experiments.launch import outcome, run_point
+from experiments.launch import outcome, run_point, stop_if_stopped
 from fedmask_jax.algorithms.registry import METHODS, method_flag_names
 from fedmask_jax.config import flag_fields
 from fedmask_jax.run_config import RunConfig
@@ -186,6 +188,7 @@ def _run(name: str, algorithm: str, compare_dir: str, passthrough: list[str], st
     print(f"compare: running {name} ({METHODS[algorithm].description}) ...", flush=True)
     point = {"algorithm": algorithm, **({"seed": seed} if seed is not None else {})}
     rc = run_point(point, workdir, passthrough)
+    stop_if_stopped(rc)
     status[name] = outcome(rc, f"{workdir}/sweep_log.txt")
     print(f"compare: {name} {status[name]}", flush=True)
 
@@ -258,6 +261,23 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(exit_codes.BAD_INPUT)
     os.makedirs(F.compare_dir, exist_ok=True)
+    # Ctrl-C or a SIGTERM that reaches this process alone (a scheduler, `timeout`) stops the run
+    # in progress with its rounds on disk (launch.call hands the signal on), then the comparison.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    cli.stop_on_signals()
+    try:
+        _compare(files, algorithms, seeds, second)
+    except KeyboardInterrupt as e:
+        print(f"{cli.what(e)}: the finished runs are in {F.compare_dir}; run the same command again "
+              "to continue", file=sys.stderr)
+        sys.exit(cli.exit_code(e))
+    finally:  # main may be called in-process (the tests do)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _compare(files: dict[str, str], algorithms: dict[str, str], seeds: list[str], second: list[str]) -> None:
+    """The comparison's three parts and their tables (main, once its flags are checked)."""
     status = {}
     runs = lambda part: not F.report_only and part in F.parts  # noqa: E731
     checked = lambda part: F.report_only or part in F.parts  # noqa: E731 -- its rows set the exit status

@@ -69,6 +69,17 @@ def call(cmd: list[str], log) -> int:
         raise
 
 
+def stop_if_stopped(rc: int) -> None:
+    """A run that was interrupted or terminated stops the command that started it (a sweep,
+    a comparison), as if it had been."""
+    from experiments import cli
+
+    if rc == exit_codes.INTERRUPTED:
+        raise KeyboardInterrupt()
+    if rc == exit_codes.TERMINATED:
+        raise cli.Terminated()
+
+
 def sweep_locks(sweep_dir: str, index: int, count: int) -> list:
     """The locks a sweep holds on its folder while it runs ``--shard=index/count``.
 

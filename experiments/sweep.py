@@ -37,7 +37,8 @@ from absl import app, flags, logging
 
 from experiments import cli, exit_codes
 from experiments import run as run_flags  # noqa: F401 -- defines the flags a point may set
-from experiments.launch import LOG_NAME, call, outcome, parse_point, point_argv, run_point, sweep_locks
+from experiments.launch import (LOG_NAME, call, outcome, parse_point, point_argv, run_point, stop_if_stopped,
+                                sweep_locks)
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Grid: 'flag=v1,v2;other=a,b' (the cross product is run).")
@@ -205,14 +206,6 @@ def main(argv):
             sys.exit(cli.exit_code(e))
 
 
-def _stopped(rc: int) -> None:
-    """A point that was interrupted or terminated stops the sweep, as if it had been."""
-    if rc == exit_codes.INTERRUPTED:
-        raise KeyboardInterrupt()
-    if rc == exit_codes.TERMINATED:
-        raise cli.Terminated()
-
-
 def sweep(grid, index: int, count: int) -> None:
     passthrough = [a for a in sys.argv[1:] if not a.startswith(_OWN)]
     status, pending = {}, []
@@ -242,11 +235,11 @@ def sweep(grid, index: int, count: int) -> None:
             else:
                 status[workdir] = outcome(rc, log_path)
                 print(f"sweep: {point_name(point)} {status[workdir]}", flush=True)
-        _stopped(rc)
+        stop_if_stopped(rc)
     for point, workdir in alone:
         print(f"sweep: running {point_name(point)} ...", flush=True)
         rc = run_point(point, workdir, passthrough)
-        _stopped(rc)
+        stop_if_stopped(rc)
         status[workdir] = outcome(rc, LOG_NAME)
         print(f"sweep: {point_name(point)} {status[workdir]}", flush=True)
     rows = report(grid, F.sweep_dir, status)

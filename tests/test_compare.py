@@ -101,6 +101,39 @@ def test_a_method_flagfile_may_not_change_the_shared_setting(tmp_path, capsys):
     assert proc.returncode == 2 and "fedavg.flags:2: --topk_fraction is not a setting of fedavg" in proc.stderr
 
 
+@pytest.mark.slow
+def test_a_sigterm_to_the_comparison_alone_stops_its_run_and_goes_no_further(tmp_path):
+    """A scheduler's (or `timeout`'s) SIGTERM reaches the comparison, not its run: the run is
+    stopped with its rounds on disk, and no other method starts."""
+    import signal
+
+    from tests.helpers import wait_for_checkpoint
+
+    out = tmp_path / "cmp"
+    setting = [a for a in SETTING if not a.startswith(("--rounds=", "--eval_every="))]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.compare", *setting, "--rounds=100000", "--eval_every=1000",
+         "--checkpoint_every=1", "--methods=fedavg,fedpm", f"--method_configs={METHODS_DIR}",
+         f"--compare_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)  # its own process group: the signal reaches it alone
+    try:
+        wait_for_checkpoint(out / "fedavg", proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:  # whatever happened, no 100,000-round run outlives the test
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 143
+    assert err.splitlines()[-1] == (f"terminated (SIGTERM): the finished runs are in {out}; run the same "
+                                    "command again to continue")
+    log = (out / "fedavg" / "sweep_log.txt").read_text()
+    assert f"terminated (SIGTERM): the rounds so far are in {out / 'fedavg'} (continue with --resume)" in log
+    assert not (out / "fedpm").exists()
+
+
 def test_shipped_method_flagfiles_are_valid_with_the_shipped_setting(monkeypatch):
     from absl import flags
 
