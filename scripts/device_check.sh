@@ -18,6 +18,8 @@
 #   4. the distributed step: the tiny digits run as two jax.distributed processes of two
 #      virtual CPU devices each (gloo over 127.0.0.1; CPU because there is one GPU) against one
 #      process with four, record by record (distributed.log). MODE=distributed runs it alone.
+# MODE=compare runs issue 22's Conv4 comparisons instead (see that block below); MODE=sweep the
+# sweep cases.
 # plus env.txt. Each step prints its wall time. Estimated 8 minutes on an H200, from the
 # 2026-11-27 run's figures (quickstart 53 s; compiles 11-31 s a case): quickstart ~1 min,
 # benchmark ~4.5 min, bench_conv ~1.5 min, distributed ~1 min. The most wanted figures come first.
@@ -27,7 +29,9 @@
 # and --torch_device=cuda; e.g. TORCH=--notorch); EXAMPLES (examples per client, default 128);
 # CONV_CLIENTS (bench_conv's K values, default "10 100"); CONV_BATCH (its batch, default 128);
 # CONV_KINDS (its lowerings, default all but unrolled: 100 clients' convs unrolled in one
-# program are a long compile for a form no strategy uses).
+# program are a long compile for a form no strategy uses); for MODE=compare, COMPARE_EXTRA and
+# PAPER_EXTRA (flags added to the CPU-scale and the paper-scale comparison, e.g. --rounds=1
+# --max_examples_per_client=64), COMPARE_LIMIT_S and PAPER_LIMIT_S.
 #
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +66,35 @@ cat "$OUT/env.txt"
 
 if [ "${MODE:-check}" = distributed ]; then
   distributed_step
+  ls -la "$OUT"
+  exit 0
+fi
+
+if [ "${MODE:-check}" = compare ]; then
+  # Issue 22: the CPU-scale Conv4 comparison (compare_fmnist_conv4_cpu.flags, 27 runs of 40
+  # rounds), then the paper-scale one (compare_fmnist_conv4.flags) in the time left. Each gets a
+  # wall-time limit (COMPARE_LIMIT_S, PAPER_LIMIT_S); what it finished comes back as
+  # OUT/<name>.tar.gz (each run's config.json, metrics.jsonl and summary.json, the tables and
+  # plots) with OUT/<name>.log. A comparison resumes: records carried in DIR/compare_records/<name>
+  # (unpack an earlier call's archive there) are not run again. Seeds and the second setting of
+  # a method reuse its compiled programs through JAX's persistent cache.
+  export JAX_COMPILATION_CACHE_DIR="$WORK/jax_cache"
+  compare() {  # NAME FLAGFILE LIMIT_S [EXTRA FLAGS...]
+    local start=$EPOCHREALTIME
+    mkdir -p "$WORK/$1"
+    [ -d "$DIR/compare_records/$1" ] && cp -r "$DIR/compare_records/$1/." "$WORK/$1/"
+    timeout --signal=TERM --kill-after=20 "$3" "$PY" -m experiments.compare --flagfile="$2" \
+      --compare_dir="$WORK/$1" --archive_dir="$DIR/fashion-mnist" --data_dir="$WORK/tfds" \
+      --download=false --notensorboard "${@:4}" > "$OUT/$1.log" 2>&1
+    local rc=$?
+    (cd "$WORK" && find "$1" -type f \( -name config.json -o -name metrics.jsonl -o -name summary.json \
+      -o -name 'compare*' \) -print0 | tar -czf "$OUT/$1.tar.gz" --null -T -)
+    echo "compare $1: exit $rc, $(find "$WORK/$1" -name summary.json | wc -l) runs finished," \
+      "$("$PY" -c "print(round($EPOCHREALTIME - $start, 1))") s wall" | tee -a "$OUT/env.txt"
+  }
+  compare compare_fmnist_conv4_cpu experiments/configs/compare_fmnist_conv4_cpu.flags "${COMPARE_LIMIT_S:-480}" \
+    ${COMPARE_EXTRA:-}
+  compare compare_fmnist_conv4 experiments/configs/compare_fmnist_conv4.flags "${PAPER_LIMIT_S:-60}" ${PAPER_EXTRA:-}
   ls -la "$OUT"
   exit 0
 fi

@@ -20,7 +20,7 @@ mkdir -p "$DIR/wheels" "$DIR/fashion-mnist"
 # name==version as installed here (the versions the suite ran against), else the latest.
 WHEELS=(constriction tensorboardX tensorflow-datasets array_record importlib_resources dm-tree
         immutabledict simple_parsing docstring-parser tensorflow-metadata googleapis-common-protos
-        termcolor toml promise)
+        termcolor toml promise six)  # six: promise imports it, and the image need not have it
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
            --platform manylinux1_x86_64 --platform any)
