@@ -40,6 +40,17 @@ def _power_of_two(value: int) -> str | None:
     return None if value >= 2 and value & (value - 1) == 0 else f"must be a power of 2 >= 2, got {value}"
 
 
+# Settings a method's config re-declares with its own default (signSGD): one declaration each,
+# a fresh field per class.
+def server_lr_setting(default: float):
+    return setting(default, "Server learning rate.", min=0, min_open=True, vary=True)
+
+
+def aggregation_setting(default: str):
+    # mean | majority_vote (sign of the sum of the decoded messages); set by the method.
+    return setting(default, "Aggregation of the decoded messages.", choices=AGGREGATIONS, flag=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
     """The dense methods: client and server optimizers (the server's acts on -(aggregate))."""
@@ -50,12 +61,10 @@ class DenseConfig:
                                      max_open=True, vary=True)
     server_optimizer: str = setting("sgd", "Optax optimizer the server applies to -(aggregated "
                                     "update); sgd at lr 1 is FedAvg.", choices=OPTIMIZERS)
-    server_lr: float = setting(1.0, "Server learning rate.", min=0, min_open=True, vary=True)
+    server_lr: float = server_lr_setting(1.0)
     server_momentum: float = setting(0.9, "Momentum for --server_optimizer=sgdm.", min=0, max=1,
                                      max_open=True, vary=True)
-    # mean | majority_vote (sign of the sum of the decoded messages); set by the method.
-    aggregation: str = setting("mean", "Aggregation of the decoded messages.", choices=AGGREGATIONS,
-                               flag=False)
+    aggregation: str = aggregation_setting("mean")
 
     def __post_init__(self):
         check(self)
@@ -112,9 +121,8 @@ class FedAvgConfig(DenseConfig):
 class SignSGDConfig(DenseConfig):
     # A majority vote moves every weight by the full server step, so it needs a small one;
     # tuned on Fashion-MNIST (experiments/configs/methods/signsgd.flags).
-    server_lr: float = setting(3e-3, "Server learning rate.", min=0, min_open=True, vary=True)
-    aggregation: str = setting("majority_vote", "Aggregation of the decoded messages.",
-                               choices=AGGREGATIONS, flag=False)
+    server_lr: float = server_lr_setting(3e-3)
+    aggregation: str = aggregation_setting("majority_vote")
 
 
 @dataclasses.dataclass(frozen=True)
