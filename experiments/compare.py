@@ -14,7 +14,7 @@ others go on. Ctrl-C or SIGTERM (to this process alone or to its process group) 
 in progress with its rounds on disk, and then the comparison (exit 130 or 143).
 
 ``--seeds`` repeats the entries of ``--seeds_for`` (``topN_baselines``: the N baselines -- not
-fedpm or klms -- with the best final accuracy at the setting's seed) at more seeds, in
+FedPM or a descendant, ``MethodSpec.studied``: fedpm, klms -- with the best final accuracy at the setting's seed) at more seeds, in
 ``<compare_dir>/<entry>@seed<s>``; the table gives their mean and standard deviation.
 ``--second_setting`` runs ``--second_methods`` once more with those run flags added (e.g. a
 non-IID split), in ``<compare_dir>/<second_name>/``, with its own table and plots.
@@ -194,13 +194,11 @@ def _run(name: str, algorithm: str, compare_dir: str, passthrough: list[str], st
 
 
 def strongest_baselines(rows: list[dict], algorithms: dict[str, str], n: int) -> list[str]:
-    """The ``n`` finished entries that are not FedPM's own (fedpm, klms) with the best final
-    test accuracy."""
-    done = [r for r in rows if "final_test_accuracy" in r and algorithms.get(r["method"]) not in (None, *OWN)]
+    """The ``n`` finished entries whose method is a baseline (not ``MethodSpec.studied``:
+    FedPM and its descendants) with the best final test accuracy."""
+    done = [r for r in rows if "final_test_accuracy" in r and algorithms.get(r["method"]) in METHODS
+            and not METHODS[algorithms[r["method"]]].studied]
     return [r["method"] for r in sorted(done, key=lambda r: -r["final_test_accuracy"])[:n]]
-
-
-OWN = ("fedpm", "klms")  # the method under study and its descendant; the rest are baselines
 
 
 def _is_top(item: str) -> bool:

@@ -297,6 +297,19 @@ def _fake_compare(monkeypatch, tmp_path, *args):
     return started, code, tables
 
 
+def test_the_strongest_baselines_are_the_methods_not_under_study():
+    from experiments import compare
+    from fedmask_jax.algorithms.registry import METHODS
+
+    assert {m for m, spec in METHODS.items() if spec.studied} == {"fedpm", "klms"}
+    rows = [{"method": m, "final_test_accuracy": a} for m, a in
+            (("fedpm", 0.9), ("kaiming", 0.95), ("klms", 0.8), ("fedavg", 0.7), ("topk", 0.75), ("signsgd", 0.6))]
+    rows.append({"method": "qsgd", "status": "failed"})  # unfinished: never chosen
+    algorithms = {"fedpm": "fedpm", "kaiming": "fedpm", "klms": "klms", "fedavg": "fedavg", "topk": "topk",
+                  "signsgd": "signsgd", "qsgd": "qsgd"}
+    assert compare.strongest_baselines(rows, algorithms, 2) == ["topk", "fedavg"]
+
+
 def test_parts_run_in_order_first_second_seeds_and_one_at_a_time(tmp_path, monkeypatch):
     first = ["fedpm", "fedavg", "signsgd"]
     second = ["noniid/fedpm", "noniid/fedavg"]

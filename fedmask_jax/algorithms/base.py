@@ -189,3 +189,6 @@ class MethodSpec:
     masked: bool  # trains masks over frozen weights (else dense weights)
     host_hooks: Callable[[HostContext], Sequence[HostHook]] = lambda ctx: ()
     shows: Shows = Shows()  # its fields beyond every run's (default: none, as a plain dense method)
+    # The method under study (FedPM) or one of its descendants, against which the others are
+    # the comparison's baselines (experiments.compare's topN_baselines).
+    studied: bool = False

@@ -186,10 +186,10 @@ SHOWS = Shows(
 
 SPECS = (
     MethodSpec("fedpm", "FedPM: one sampled binary mask (< 1 bit per parameter after entropy coding)",
-               FedPMConfig, _built(fedpm), masked=True, host_hooks=_host_hooks, shows=SHOWS),
+               FedPMConfig, _built(fedpm), masked=True, host_hooks=_host_hooks, shows=SHOWS, studied=True),
     MethodSpec("fedmask", "FedMask-style: the deterministic mask 1[sigmoid(s) > 0.5]",
                FedMaskConfig, _built(fedmask), masked=True, host_hooks=_host_hooks, shows=SHOWS),
     MethodSpec("klms", "FedPM-KLMS: per block of mask entries, the index of one of 2^b candidates "
                "drawn from theta_g with shared randomness (importance-sampled by q/p)",
-               KLMSConfig, _built(klms), masked=True, host_hooks=_host_hooks, shows=SHOWS),
+               KLMSConfig, _built(klms), masked=True, host_hooks=_host_hooks, shows=SHOWS, studied=True),
 )
