@@ -17,24 +17,29 @@ def _compare(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _compare_here(capsys, *args):
-    """experiments.compare's main in this process, for what needs no new run (bad input, a
-    comparison whose runs are done): the exit status, stdout and stderr, as ``_compare`` gives
-    them, without a process's start-up."""
+def _main(*args) -> int:
+    """experiments.compare's main in this process with these flags; its exit status."""
     from absl import flags
 
     from experiments import compare
 
-    capsys.readouterr()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["prog", *args])
     try:
         compare.main([])
-        code = 0
+        return 0
     except SystemExit as e:
-        code = e.code
+        return e.code
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def _compare_here(capsys, *args):
+    """experiments.compare's main in this process, for what needs no new run (bad input, a
+    comparison whose runs are done): the exit status, stdout and stderr, as ``_compare`` gives
+    them, without a process's start-up."""
+    capsys.readouterr()
+    code = _main(*args)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
 
@@ -255,8 +260,6 @@ def test_a_method_flagfile_may_include_another(tmp_path, monkeypatch):
 def _fake_compare(monkeypatch, tmp_path, *args):
     """Runs experiments.compare's main with its runs and tables faked: returns the runs it
     started, in order, and its exit status. A run "finishes" with accuracies by name."""
-    from absl import flags
-
     from experiments import compare
 
     accuracy = {"fedpm": 0.7, "fedavg": 0.9, "signsgd": 0.8}
@@ -283,17 +286,9 @@ def _fake_compare(monkeypatch, tmp_path, *args):
 
     monkeypatch.setattr(compare, "_run", run)
     monkeypatch.setattr(compare, "report", report)
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["prog", *SETTING, "--methods=fedpm,fedavg,signsgd", f"--method_configs={METHODS_DIR}",
+    code = _main(*SETTING, "--methods=fedpm,fedavg,signsgd", f"--method_configs={METHODS_DIR}",
                  f"--compare_dir={tmp_path}", "--seeds=1", "--seeds_for=fedpm,top1_baselines",
-                 "--second_setting=--split=noniid", "--second_methods=fedpm,fedavg", *args])
-    try:
-        compare.main([])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        flags.FLAGS.unparse_flags()
+                 "--second_setting=--split=noniid", "--second_methods=fedpm,fedavg", *args)
     return started, code, tables
 
 
