@@ -21,9 +21,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # and sampled masks then diverge.
 #
 # XLA:CPU's older fusion emitters (LLVM IR written directly) compile faster than its MLIR-based
-# ones, and give the same records but for the last bits of the same sums (docs/benchmarks.md). Their switch is a debug flag whose name changes between jaxlib
-# releases, and XLA aborts on a flag it does not know: it is set only on the release where it
-# was checked (the suite is just slower on others).
+# ones, and give the same records but for the last bits of the same sums (docs/benchmarks.md).
+# Their switch is a debug flag whose name changes between jaxlib releases, and XLA aborts on a
+# flag it does not know: it is set only on the release where it was checked (the suite is just
+# slower on others).
 def _with_flag(name: str, flag: str) -> None:
     if name not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
