@@ -85,6 +85,23 @@ def prior_bits(words: np.ndarray) -> int:
     return 32 * len(words)
 
 
+# What a real stream may cost above its ideal length (``max_bits``):
+# * RELATIVE_SLACK of it, for the coder's 24-bit quantization of each probability;
+# * FLUSH_BITS, the two 32-bit words that flush the coder's state;
+# * PER_SYMBOL_BITS for every entry. The range coder rounds its range down to a multiple of
+#   2^24 at each symbol, a loss that does not shrink with the symbol's information, so a mask
+#   the model is sure about (an ideal length far below n bits) pays mostly this term. It is
+#   about twice the most measured (``experiments/bench_coding.py``; docs/benchmarks.md).
+RELATIVE_SLACK = 1e-3
+FLUSH_BITS = 64
+PER_SYMBOL_BITS = 2.0 ** -11
+
+
+def max_bits(ideal: float, n: int) -> float:
+    """The most a correct range code of n entries with this ideal length may take."""
+    return ideal * (1 + RELATIVE_SLACK) + FLUSH_BITS + n * PER_SYMBOL_BITS
+
+
 def ideal_bits(mask: np.ndarray, probs) -> float:
     """-sum log2 p(m_i) under the model ``encode`` uses (clipped per-entry keep-probabilities),
     in float64: the length a perfect coder would reach."""

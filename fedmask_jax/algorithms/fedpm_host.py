@@ -7,8 +7,9 @@ range coding is the check that those figures and messages are right: each round 
 number of clients' masks (``--verify_coded_clients``) are collected from the round, coded with
 ``constriction``, decoded and compared, in the background (worker processes where there are
 spare cores), overlapping the next round.
-A decoded mask that differs, a measured size more than 0.1 % (plus the coder's 64-bit flush)
-above its ideal, or a device figure that disagrees with the host's stops the run.
+A decoded mask that differs, a measured size above what the range coder may take for its ideal
+(``coding.max_bits``: 0.1 %, the 64-bit flush and 2^-11 bits an entry), or a device figure that
+disagrees with the host's stops the run.
 """
 
 from __future__ import annotations
@@ -27,10 +28,6 @@ from fedmask_jax import export as export_lib
 from fedmask_jax.algorithms.base import HostContext, HostHook, RunFault
 from fedmask_jax.config import setting
 
-# A measured code may exceed its ideal length by this fraction, plus the two 32-bit words a
-# range coder needs to flush its state.
-CODING_SLACK = 1e-3
-CODING_FLUSH_BITS = 64
 # The device's float32 code lengths agree with the host's float64 ones to this fraction.
 DEVICE_AGREEMENT = 1e-4
 
@@ -150,9 +147,10 @@ class UplinkCodingCheck(HostHook):
                     raise RunFault(
                         f"round {round_number}: the round's {code}-code length of a client's mask "
                         f"({device[code][i]:.1f} bits) differs from the host's ({ideal:.1f} bits)")
-                if size > ideal * (1 + CODING_SLACK) + CODING_FLUSH_BITS:
+                if size > coding.max_bits(ideal, n):
                     raise RunFault(f"round {round_number}: the {code} range code of a client's mask took "
-                                   f"{size} bits, more than 0.1% above its ideal {ideal:.1f}")
+                                   f"{size} bits, more than the {coding.max_bits(ideal, n):.1f} a range "
+                                   f"coder may take for its ideal {ideal:.1f}")
         measured_prior = sum(r["prior_bits"] for r in results)
         return {"verified_clients": len(results),
                 "uplink_bpp_measured_prior": measured_prior / len(results) / n,
