@@ -14,6 +14,7 @@ import os
 
 from fedmask_jax.algorithms import registry
 from fedmask_jax.algorithms.shows import Shows, result_columns
+from fedmask_jax.history import SIM_TIME
 from fedmask_jax.plots import load_records
 
 
@@ -31,6 +32,7 @@ def table_columns(declared: list[Shows] | None = None) -> list[tuple[str, str, s
         ("total_uplink_mb", "total uplink MB", "{:.2f}"),
         ("rounds_to_target", "rounds to target", "{}"),
         ("uplink_mb_to_target", "uplink MB to target", "{:.2f}"),
+        ("sim_time_to_target_s", "simulated s to target", "{:.1f}"),
         *((c.bpp, c.header, "{:.4f}") for c in coded),
         ("steady_round_time_s", "s/round", "{:.2f}"),
     ]
@@ -44,13 +46,13 @@ def sweep_columns(declared: list[Shows] | None = None) -> list[str]:
             "total_time_s", "diverged_at_round"]
 
 
-def rounds_to_target(records: list[dict], target: float) -> tuple[int | None, float | None]:
-    """The first evaluated round whose test accuracy reaches ``target``, and the uplink bits
-    spent by then (None when never reached)."""
+def target_record(records: list[dict], target: float) -> dict:
+    """The record of the first evaluated round whose test accuracy reaches ``target`` (its
+    round, the uplink bits spent and the simulated seconds by then); {} when never reached."""
     for r in records:
         if r.get("test_accuracy", -1.0) >= target:
-            return r["round"], r.get("cumulative_uplink_bits")
-    return None, None
+            return r
+    return {}
 
 
 def method_row(method: str, workdir: str, target: float) -> dict:
@@ -58,7 +60,8 @@ def method_row(method: str, workdir: str, target: float) -> dict:
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     records = load_records(workdir)
-    reached, bits = rounds_to_target(records, target)
+    reached = target_record(records, target)
+    bits = reached.get("cumulative_uplink_bits")
     diverged = summary.get("diverged_at_round")
     row = {
         "method": method,
@@ -70,8 +73,10 @@ def method_row(method: str, workdir: str, target: float) -> dict:
         "mean_uplink_bpp": summary["mean_uplink_bpp"],
         "total_uplink_mb": summary["total_uplink_bits"] / 8e6,
         "target_accuracy": target,
-        "rounds_to_target": reached,
+        "rounds_to_target": reached.get("round"),
         "uplink_mb_to_target": None if bits is None else bits / 8e6,
+        "sim_time_to_target_s": reached.get(SIM_TIME),
+        "sim_time_s": summary.get(SIM_TIME),
         "rounds": summary["rounds"],
         "num_params": summary["num_params"],
         "eval_split": summary.get("eval_split", "test"),

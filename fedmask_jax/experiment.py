@@ -30,7 +30,8 @@ from fedmask_jax.run_config import RunConfig
 # Run settings that may differ between runs of one program: they shape only the data split
 # or the initial state (the methods' own such settings are marked ``vary=True``).
 RUN_VARYING = ("seed", "split", "classes_per_client", "dirichlet_alpha", "max_examples_per_client",
-               "availability", "local_work", "round_deadline", "straggler_policy")
+               "availability", "local_work", "round_deadline", "straggler_policy", "uplink_mbps",
+               "downlink_mbps", "latency_s")
 # Settings that say where and how results are written, not what is computed.
 OUTPUT_ONLY = ("workdir", "verbose", "tensorboard", "checkpoint_every", "resume",
                "allow_config_change", "data_dir", "archive_dir", "download")
@@ -128,9 +129,10 @@ class Experiment:
     def cohort(self, round_index: int) -> engine.Cohort:
         return self.round_plan(round_index)[0]
 
-    def round_plan(self, round_index: int) -> tuple[engine.Cohort, list[dict[str, int]]]:
-        """The round's cohort (every run's) and, per run, the record fields saying how many
-        clients were available, sampled, dropped or partial (when those settings are on)."""
+    def round_plan(self, round_index: int) -> tuple[engine.Cohort, list[federation.RoundPlan]]:
+        """The round's cohort (every run's) and each run's plan: its clients, their work and
+        the record fields saying how many were available, sampled, dropped or partial (when
+        those settings are on)."""
         multiple = self.engine_config.client_chunk_size * self.round_fn.client_devices
         plans = [r.federation.plan(round_index) for r in self.runs]
         cohort = self.axis.stack([
@@ -138,7 +140,30 @@ class Experiment:
                                steps=p.steps, valid=p.valid, size=r.cfg.clients_per_round)
             for p, r in zip(plans, self.runs)], xp=np)
         split = (engine.CLIENTS_AXIS,) if self.round_fn.client_devices > 1 else ()
-        return self._place(cohort, self.axis.spec(*split)), [p.fields for p in plans]
+        return self._place(cohort, self.axis.spec(*split)), plans
+
+    def round_seconds(self, plans: Sequence[federation.RoundPlan], output: engine.RoundOutput,
+                      metrics: Sequence[dict[str, float]]) -> list[float]:
+        """Each run's round on the simulated clock (``Federation.round_seconds``), from its
+        clients' messages: the coded uplink where the method codes it, else its bits."""
+        n = self.num_params
+        per_client = jax.device_get(output.per_client) if output.per_client else None
+        seconds = []
+        for i, (run, plan) in enumerate(zip(self.runs, plans)):
+            uplink = np.zeros(len(plan.clients))
+            if per_client is not None:
+                part = self.axis.part(per_client, i)
+                uplink = n * np.asarray(part[self.uplink_metric if self.uplink_metric in part else "uplink_bpp"],
+                                        np.float64)
+            downlink = n * metrics[i].get("downlink_bpp", 0.0)
+            seconds.append(run.federation.round_seconds(plan, uplink, downlink))
+        return seconds
+
+    @property
+    def uplink_metric(self) -> str:
+        """The client metric of its message's size in bits per parameter, as the method sends it."""
+        coded = self.spec.shows.coded_uplink
+        return coded.metric if coded else "uplink_bpp"
 
     def round_key(self, round_index: int) -> jax.Array:
         return self.axis.stack([keys.round_key(r.cfg.seed, round_index) for r in self.runs])
@@ -258,6 +283,15 @@ def _check_memory(runs: Sequence[Run], engine_config: engine.EngineConfig, mesh:
         + f") and {where} {_size(available)}; {fix}")
 
 
+def _clocked_metrics(spec: MethodSpec, runs: Sequence[Run]) -> tuple[str, ...]:
+    """The client metrics the simulated clock reads client by client: none unless a bandwidth
+    is finite (so that a run without a network model compiles the program it always had)."""
+    if not any(r.federation.network.limited for r in runs):
+        return ()
+    coded = spec.shows.coded_uplink
+    return ("uplink_bpp", *((coded.metric,) if coded else ()))
+
+
 def _index_width(runs: Sequence[Run]) -> int:
     """The widest client of any run: every run's index is padded to it (padding changes no
     result: extra steps are masked)."""
@@ -326,6 +360,7 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
                                         client_grad=plan.client_grad,
                                         cpu_ynn_fusions=cfg.cpu_ynn_fusions,
                                         collect=max([h.collect for h in runs[0].hooks], default=0),
+                                        per_client=_clocked_metrics(spec, runs),
                                         runs_vectorized=plan.runs_vectorized)
     mesh = axis.mesh(cfg.num_devices, strategy)
     distributed.check_mesh(mesh.devices.flat, strategy)  # several processes: one mesh over all

@@ -1,17 +1,23 @@
-"""Who takes part in a round, and how much local work each client gets done.
+"""Who takes part in a round, how much local work each client gets done, and how long the
+round lasts on the simulated clock.
 
-A run's federation has three settings (``RunConfig``):
+A run's federation has these settings (``RunConfig``):
 
 * ``--availability``: each round, client c is available with probability p_c(r); the cohort
   is sampled uniformly without replacement among the available clients, keyed by
   (seed, round) as always (all of them when fewer than ``--clients_per_round`` are).
 * ``--local_work``: each client's speed v_c, the share of its full local work
-  (``--local_epochs`` over its data) it gets done in one unit of time; a property of its
-  device, drawn once per client from the run's seed.
-* ``--round_deadline`` D, in those units: a client finishes its full work when v_c * D >= 1.
+  (``--local_epochs`` over its data) it gets done in one second of the simulated clock; a
+  property of its device, drawn once per client from the run's seed.
+* ``--round_deadline`` D, in seconds: a client finishes its full work when v_c * D >= 1.
   The others are stragglers; ``--straggler_policy=drop`` leaves them out of the round,
   ``partial`` takes the floor(v_c * D * full steps) local steps they finished (a straggler
   that finished no step is dropped).
+* ``--uplink_mbps``, ``--downlink_mbps``, ``--latency_s``: each client's link (``Network``),
+  drawn once per client. A client's round is its latency, the download of the broadcast, its
+  local work and the upload of its message, one after another; a synchronous round lasts until
+  the slowest reporting client's message is in (``Federation.round_seconds``). The defaults
+  (no bandwidth limit, no latency) leave only the local work.
 
 The engine applies this through its cohort (``engine.make_cohort`` lays out the clients this
 module chooses; this module imports nothing of the engine): a straggler's step budget masks
@@ -33,6 +39,7 @@ STRAGGLER_POLICIES = ("drop", "partial")
 ALL_STEPS = 2**30  # a step budget no client reaches: its full local work
 # Stream ids of the federation's random draws (beside the cohort's [seed, round]).
 _SPEEDS, _AVAILABLE, _PHASES = 0x5EED, 2, 0xD1A
+_UPLINK, _DOWNLINK, _LATENCY = 0x0B17, 0xD0B17, 0x1A7
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
@@ -88,31 +95,78 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def client_values(spec: str, num_clients: int, rng: np.random.Generator, flag: str,
+                  words: dict[str, float], zero: bool = False) -> np.ndarray:
+    """One positive value per client (``zero``: or zero) from a setting: a word of ``words``
+    or a number (every client the same), ``uniform:LOW,HIGH``, ``lognormal:MU,SIGMA`` (of the
+    value's log) or ``csv:PATH`` (one value per client)."""
+    kind, _, args = spec.partition(":")
+    if kind in words and not args:
+        values = np.full(num_clients, words[kind])
+    elif kind == "uniform":
+        low, high = _numbers(args, f"{flag}=uniform:LOW,HIGH", 2)
+        if not (0 <= low if zero else 0 < low) or not low <= high:
+            raise ValueError(f"{flag}=uniform:LOW,HIGH needs 0 {'<=' if zero else '<'} LOW <= HIGH, got {args!r}")
+        values = rng.uniform(low, high, num_clients)
+    elif kind == "lognormal":
+        mu, sigma = _numbers(args, f"{flag}=lognormal:MU,SIGMA", 2)
+        if sigma < 0:
+            raise ValueError(f"{flag}=lognormal:MU,SIGMA needs SIGMA >= 0, got {sigma}")
+        values = rng.lognormal(mu, sigma, num_clients)
+    elif kind == "csv" and args:
+        values = read_client_values(args, num_clients, flag)
+    elif not args and _is_number(kind) and not math.isnan(float(kind)):
+        values = np.full(num_clients, float(kind))
+        if zero and not np.isfinite(values).all():
+            raise ValueError(f"{flag}={spec!r} must be finite")
+    else:
+        named = ", ".join(words)
+        raise ValueError(f"{flag}={spec!r} is unknown; use {named + ', ' if named else ''}a number, "
+                         "uniform:LOW,HIGH, lognormal:MU,SIGMA or csv:PATH")
+    if not ((values >= 0) if zero else (values > 0)).all():
+        raise ValueError(f"{flag}={spec!r} gives a client a value {'< 0' if zero else '<= 0'}; it must be "
+                         f"{'zero or more' if zero else 'positive'}")
+    return values
+
+
 def client_speeds(spec: str, num_clients: int, seed: int) -> np.ndarray:
     """Each client's speed from ``--local_work``: ``full`` (1 for all), ``uniform:LOW,HIGH``,
     ``lognormal:MU,SIGMA`` (of the speed's log) or ``csv:PATH`` (one speed per client)."""
-    kind, _, args = spec.partition(":")
-    rng = np.random.default_rng([seed, _SPEEDS])
-    if kind == "full" and not args:
-        speeds = np.ones(num_clients)
-    elif kind == "uniform":
-        low, high = _numbers(args, "--local_work=uniform:LOW,HIGH", 2)
-        if not 0 < low <= high:
-            raise ValueError(f"--local_work=uniform:LOW,HIGH needs 0 < LOW <= HIGH, got {args!r}")
-        speeds = rng.uniform(low, high, num_clients)
-    elif kind == "lognormal":
-        mu, sigma = _numbers(args, "--local_work=lognormal:MU,SIGMA", 2)
-        if sigma < 0:
-            raise ValueError(f"--local_work=lognormal:MU,SIGMA needs SIGMA >= 0, got {sigma}")
-        speeds = rng.lognormal(mu, sigma, num_clients)
-    elif kind == "csv" and args:
-        speeds = read_client_values(args, num_clients, "--local_work")
-    else:
-        raise ValueError(f"--local_work={spec!r} is unknown; use full, uniform:LOW,HIGH, "
-                         "lognormal:MU,SIGMA or csv:PATH")
-    if not (speeds > 0).all():
-        raise ValueError(f"--local_work={spec!r} gives a client speed <= 0; speeds must be positive")
-    return speeds
+    return client_values(spec, num_clients, np.random.default_rng([seed, _SPEEDS]), "--local_work",
+                         {"full": 1.0})
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """Each client's link: uplink and downlink in bits per second (inf: no limit) and a
+    latency in seconds, paid once per round (the round trip)."""
+
+    uplink_bps: np.ndarray  # [N]
+    downlink_bps: np.ndarray  # [N]
+    latency_s: np.ndarray  # [N]
+
+    @property
+    def limited(self) -> bool:
+        """Whether message sizes take time (a finite bandwidth somewhere)."""
+        return bool(np.isfinite(self.uplink_bps).any() or np.isfinite(self.downlink_bps).any())
+
+
+def network(cfg) -> Network:
+    """``--uplink_mbps``, ``--downlink_mbps`` (inf, a number, a distribution or a trace, in
+    Mbit/s) and ``--latency_s``, drawn once per client from the run's seed."""
+    n, seed = cfg.num_clients, cfg.seed
+    mbps = lambda spec, flag, stream: 1e6 * client_values(  # noqa: E731
+        spec, n, np.random.default_rng([seed, stream]), flag, {"inf": math.inf})
+    return Network(mbps(cfg.uplink_mbps, "--uplink_mbps", _UPLINK),
+                   mbps(cfg.downlink_mbps, "--downlink_mbps", _DOWNLINK),
+                   client_values(cfg.latency_s, n, np.random.default_rng([seed, _LATENCY]), "--latency_s",
+                                 {}, zero=True))
+
+
+def client_seconds(compute_s, downlink_bits, uplink_bits, downlink_bps, uplink_bps, latency_s):
+    """A client's round on the simulated clock: latency, then the download, its local work and
+    the upload, one after another."""
+    return latency_s + downlink_bits / downlink_bps + compute_s + uplink_bits / uplink_bps
 
 
 AvailabilityFn = Callable[[int], np.ndarray]  # round index -> each client's probability
@@ -174,6 +228,9 @@ class Federation:
     budget: np.ndarray  # [N] steps each client gets done by the deadline (= full_steps: finishes)
     policy: str
     available: AvailabilityFn | None
+    speeds: np.ndarray  # [N] each client's share of its full local work per second
+    deadline: float  # seconds of local work a client has before it straggles
+    network: Network
 
     @property
     def finishes(self) -> np.ndarray:
@@ -203,6 +260,24 @@ class Federation:
                       clients_partial=int((keep & ~finishes).sum()))
         return RoundPlan(clients, np.where(keep, steps, 0).astype(np.int32), keep.astype(np.float32), fields)
 
+    def round_seconds(self, plan: RoundPlan, uplink_bits: np.ndarray, downlink_bits: float) -> float:
+        """How long a synchronous round lasts on the simulated clock: until its slowest
+        reporting client's upload is in. A client's local work takes 1 / speed seconds, or the
+        deadline for a partial straggler; ``uplink_bits``: each reporting client's message, in
+        cohort order. A dropped straggler makes the server wait out its deadline; a round with
+        no client at all lasts the deadline."""
+        clients = plan.clients
+        if not len(clients):
+            return self.deadline
+        reports = np.ones(len(clients), bool) if plan.valid is None else plan.valid > 0
+        finishes = self.finishes[clients]
+        compute = np.where(finishes, 1.0 / self.speeds[clients], self.deadline)
+        net = self.network
+        up = np.where(reports, np.asarray(uplink_bits, np.float64)[:len(clients)], 0.0)
+        times = client_seconds(np.where(reports, compute, self.deadline), downlink_bits, up,
+                               net.downlink_bps[clients], net.uplink_bps[clients], net.latency_s[clients])
+        return float(times.max())
+
     @property
     def uniform_sampling(self) -> bool:
         """Every round's reporting clients are a uniform sample of K of the N (what a privacy
@@ -215,7 +290,8 @@ def build(cfg, client_sizes: np.ndarray) -> Federation:
     setting that leaves no client able to take part fails here, before any compute."""
     n, k = cfg.num_clients, cfg.clients_per_round
     full = cfg.local_epochs * -(-np.asarray(client_sizes, np.int64) // cfg.batch_size)
-    capacity = client_speeds(cfg.local_work, n, cfg.seed) * cfg.round_deadline
+    speeds = client_speeds(cfg.local_work, n, cfg.seed)
+    capacity = speeds * cfg.round_deadline
     budget = np.where(capacity >= 1.0, full, np.floor(capacity * full + 1e-9)).astype(np.int64)
     if cfg.straggler_policy == "drop" and not (capacity >= 1.0).any():
         raise ValueError(f"--round_deadline={cfg.round_deadline:g}: no client can finish its local work in "
@@ -234,4 +310,5 @@ def build(cfg, client_sizes: np.ndarray) -> Federation:
             raise ValueError(f"--availability={cfg.availability} leaves on average {expected:.1f} of the "
                              f"{n} clients available in some round, fewer than --clients_per_round={k}; "
                              "lower --clients_per_round or raise the availability")
-    return Federation(cfg.seed, n, k, full, budget, cfg.straggler_policy, avail)
+    return Federation(cfg.seed, n, k, full, budget, cfg.straggler_policy, avail, speeds, cfg.round_deadline,
+                      network(cfg))

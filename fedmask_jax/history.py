@@ -7,6 +7,8 @@ import math
 import statistics
 from typing import Any
 
+SIM_TIME = "sim_time_s"  # the run's simulated clock at the end of a round (a running total)
+
 
 @dataclasses.dataclass
 class RoundRecord:
@@ -60,10 +62,11 @@ class History:
         return next((r.round for r in self.records if r.diverged), None)
 
     def totals(self) -> dict[str, float]:
-        """The running ``cumulative_*`` fields of the last round (0 before any round)."""
+        """The running fields of the last round, ``cumulative_*`` and the simulated clock
+        (0 before any round)."""
         if not self.records:
             return {}
-        return {k: v for k, v in self.records[-1].fields.items() if k.startswith("cumulative_")}
+        return {k: v for k, v in self.records[-1].fields.items() if k.startswith("cumulative_") or k == SIM_TIME}
 
     def to_json(self) -> list[dict]:
         return [dataclasses.asdict(r) for r in self.records]

@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from fedmask_jax.algorithms.base import PyTree
 from fedmask_jax.experiment import Experiment, Run
-from fedmask_jax.history import History, RoundRecord, finite
+from fedmask_jax.history import SIM_TIME, History, RoundRecord, finite
 from fedmask_jax.sinks import Sink
 
 
@@ -93,11 +93,12 @@ def run_rounds(exp: Experiment, state: State, tracks: Sequence[Track], *,
     for r in range(start, end):
         recording = [(i, t) for i, t in enumerate(tracks) if t.records(r)]
         tickets = {i: [h.before_round(r, exp.part(state.server, i)) for h in t.run.hooks] for i, t in recording}
-        cohort, plan_fields = exp.round_plan(r)
+        cohort, plans = exp.round_plan(r)
         t0 = time.perf_counter()
         result = exp.round(state.server, state.store, cohort, r)
         metrics = exp.metrics(result)
         round_time = time.perf_counter() - t0
+        sim_seconds = exp.round_seconds(plans, result, metrics)
         state = State(result.server, result.store)
         diverged = [not finite(m["train_loss"]) for m in metrics]  # the aggregate is poisoned
         due = [(r + 1) % t.cfg.eval_every == 0 or r + 1 == t.last for t in tracks]
@@ -105,7 +106,7 @@ def run_rounds(exp: Experiment, state: State, tracks: Sequence[Track], *,
         evaluations = exp.evaluate(state.server, r) if any(due[i] or diverged[i] for i, _ in recording) else None
         eval_time = time.perf_counter() - t_eval
         for i, track in recording:
-            fields = _round_fields(track, metrics[i], plan_fields[i], round_time, exp.num_params)
+            fields = _round_fields(track, metrics[i], plans[i].fields, round_time, sim_seconds[i], exp.num_params)
             view = RoundView(exp.part(result.collected, i), metrics[i])
             parts = [hook.after_round(r, view, ticket) for hook, ticket in zip(track.run.hooks, tickets[i])]
             evaluation = evaluations[i] if due[i] or diverged[i] else None
@@ -135,13 +136,16 @@ def run_rounds(exp: Experiment, state: State, tracks: Sequence[Track], *,
 
 
 def _round_fields(track: Track, metrics: dict[str, float], plan_fields: dict[str, int], round_time: float,
-                  num_params: int) -> dict[str, Any]:
-    """A round's record fields from its metrics: the client means, the federation's counts and
-    the running bit totals (``track.totals`` goes on with them)."""
+                  sim_seconds: float, num_params: int) -> dict[str, Any]:
+    """A round's record fields from its metrics: the client means, the federation's counts,
+    the round on the simulated clock and the running totals of bits and simulated seconds
+    (``track.totals`` goes on with them)."""
     reported = metrics["reported_clients"]
     # A round no client reported has no client means to record (the server kept its state).
     means = metrics if reported else {"reported_clients": reported}
-    fields: dict[str, Any] = {"algorithm": track.cfg.algorithm, **means, **plan_fields, "round_time_s": round_time}
+    fields: dict[str, Any] = {"algorithm": track.cfg.algorithm, **means, **plan_fields, "round_time_s": round_time,
+                              "sim_round_s": sim_seconds}
+    fields[SIM_TIME] = track.totals[SIM_TIME] = track.totals.get(SIM_TIME, 0.0) + sim_seconds
     entries = num_params * reported
     for key in [k for k in metrics if k.startswith("uplink_bpp")]:  # the whole cohort's bits
         total = "cumulative_uplink_bits" + key[len("uplink_bpp"):]

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedmask_jax.algorithms.shows import Shows  # noqa: E402
+from fedmask_jax.history import SIM_TIME  # noqa: E402
 
 
 def load_records(run_dir: str) -> list[dict]:
@@ -102,30 +103,32 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 def plot_comparison(runs: Sequence[tuple[str, str]], out_dir: str,
                     target: float | None = None) -> list[str]:
-    """One line per method: accuracy vs round, and accuracy vs cumulative uplink (log scale,
-    since the methods' messages differ by orders of magnitude), with a dashed line for the
-    uplink as coded where the run's method declares one. ``runs`` is (label, workdir)."""
+    """One line per method: accuracy vs round, accuracy vs cumulative uplink (log scale, since
+    the methods' messages differ by orders of magnitude), with a dashed line for the uplink as
+    coded where the run's method declares one, and accuracy vs simulated time where every run
+    recorded it. ``runs`` is (label, workdir)."""
     os.makedirs(out_dir, exist_ok=True)
     loaded = [(label, load_records(d), run_shows(d).coded_uplink) for label, d in runs]
+    figures = [("compare_accuracy.png", "round", "round", "linear", 1, "Accuracy per round"),
+               ("compare_accuracy_vs_uplink.png", "cumulative_uplink_bits",
+                "cumulative uplink, all clients (Mbit, log scale)", "log", 1e6, "Accuracy vs uplink communication")]
+    if loaded and all(recs and SIM_TIME in recs[0] for _, recs, _ in loaded):
+        figures.append(("compare_accuracy_vs_sim_time.png", SIM_TIME, "simulated time (s)", "linear", 1,
+                        "Accuracy vs simulated time"))
     paths = []
-    for name, xkey, xlabel, xscale in (
-        ("compare_accuracy.png", "round", "round", "linear"),
-        ("compare_accuracy_vs_uplink.png", "cumulative_uplink_bits",
-         "cumulative uplink, all clients (Mbit, log scale)", "log"),
-    ):
+    for name, xkey, xlabel, xscale, scale, title in figures:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, recs, coded in loaded:
-            xs = [x[xkey] / (1e6 if xkey != "round" else 1) for x in recs]
+            xs = [x[xkey] / scale for x in recs]
             line, = ax.plot(xs, [x["test_accuracy"] for x in recs],
                             marker="." if len(recs) < 60 else None, label=label)
-            if xkey != "round" and coded is not None and coded.bits in recs[0]:
+            if xkey == "cumulative_uplink_bits" and coded is not None and coded.bits in recs[0]:
                 ax.plot([x[coded.bits] / 1e6 for x in recs],
                         [x["test_accuracy"] for x in recs], ls="--", color=line.get_color(),
                         label=f"{label} ({coded.curve})")
         if target is not None:
             ax.axhline(target, color="gray", ls=":", lw=1, label=f"target {target:g}")
-        ax.set(xlabel=xlabel, ylabel="test accuracy", xscale=xscale,
-               title="Accuracy per round" if xkey == "round" else "Accuracy vs uplink communication")
+        ax.set(xlabel=xlabel, ylabel="test accuracy", xscale=xscale, title=title)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, ncol=2)
         paths.append(_save(fig, out_dir, name))

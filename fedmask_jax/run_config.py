@@ -53,14 +53,19 @@ class RunConfig:
                                 "bernoulli:P, diurnal:PERIOD,LOW,HIGH (a cosine in rounds, a phase per "
                                 "client) or csv:PATH (a probability per client).")
     local_work: str = setting("full", "Each client's speed, the share of its full local work done in "
-                              "one time unit: full, uniform:LOW,HIGH, lognormal:MU,SIGMA or csv:PATH "
-                              "(a speed per client; drawn once per client).")
-    round_deadline: float = setting(1.0, "Round deadline in those time units: a client with speed "
-                                    "v finishes its local work if v * deadline >= 1, else it straggles.",
+                              "one second of the simulated clock: full (1), a number, uniform:LOW,HIGH, "
+                              "lognormal:MU,SIGMA or csv:PATH (a speed per client; drawn once per client).")
+    round_deadline: float = setting(1.0, "Seconds of local work a client has: one with speed v finishes "
+                                    "its local work if v * deadline >= 1, else it straggles.",
                                     min=0, min_open=True)
     straggler_policy: str = setting("partial", "Stragglers: drop them from the round, or take the "
                                     "partial work they finished by the deadline.",
                                     choices=federation.STRAGGLER_POLICIES)
+    uplink_mbps: str = setting("inf", "Each client's uplink in Mbit/s on the simulated clock: inf (no "
+                               "limit), a number, uniform:LOW,HIGH, lognormal:MU,SIGMA or csv:PATH.")
+    downlink_mbps: str = setting("inf", "Each client's downlink in Mbit/s, as --uplink_mbps.")
+    latency_s: str = setting("0", "Each client's latency per round in seconds: a number, "
+                             "uniform:LOW,HIGH, lognormal:MU,SIGMA or csv:PATH.")
     seed: int = setting(0, "Seed of frozen weights, partition, cohorts and masks.", min=0)
     workdir: str = setting("runs/default", "Where metrics.jsonl, summary.json and the rest go.")
     eval_every: int = setting(1, "Evaluate every this many rounds (and at the last).", min=1)
@@ -111,6 +116,7 @@ class RunConfig:
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"--clients_per_round must be between 1 and --num_clients={self.num_clients}, "
                              f"got {self.clients_per_round}")
+        federation.network(self)  # raises on a bad bandwidth or latency, before any data is read
         self.method_config  # raises on a setting the method lacks or a bad value
 
     @property

@@ -19,7 +19,7 @@ import jax
 from fedmask_jax import distributed, experiment, loop, outputs, sinks
 from fedmask_jax.algorithms.base import PyTree
 from fedmask_jax.checkpoints import Checkpointer
-from fedmask_jax.history import History
+from fedmask_jax.history import SIM_TIME, History
 from fedmask_jax.run_config import RESUME_NEUTRAL, RunConfig
 
 __all__ = ["Outcome", "RunConfig", "execute", "execute_runs", "run"]
@@ -142,6 +142,7 @@ def _summary(exp: experiment.Experiment, track: loop.Track, server, compile_s: f
         "eval_split": "validation" if cfg.validation_fraction > 0 else "test",
         **history.means(("uplink_bpp", "downlink_bpp")),
         "total_uplink_bits": history.totals().get("cumulative_uplink_bits", 0.0),
+        SIM_TIME: history.totals().get(SIM_TIME, 0.0),
         **{k: v for hook in track.run.hooks for k, v in hook.finish(server, history).items()},
         "rounds": cfg.rounds,
         "rounds_completed": history.rounds_done,

@@ -59,7 +59,7 @@ def test_a_few_rounds_reduce_the_loss_and_bits_follow_the_definition(name):
     before = float(evaluate(server, x_test, y_test, jax.random.key(9))["test_loss"])
     bits = []
     for r in range(3):
-        server, store, metrics, _ = round_fn(server, store, data, cohort, jax.random.key(r))
+        server, store, metrics, *_ = round_fn(server, store, data, cohort, jax.random.key(r))
         bits.append(float(metrics["uplink_bpp"]) * N)
     after = evaluate(server, x_test, y_test, jax.random.key(9))
     assert float(after["test_loss"]) < 0.9 * before, (before, float(after["test_loss"]))

@@ -23,8 +23,8 @@ def test_padded_client_matches_unpadded_client():
     padded = engine.client_data_from_partition(ds.x_train, ds.y_train, [rows, np.arange(150, 700)])
     assert padded.index.shape[1] > alone.index.shape[1]
     alg = small_fedpm()
-    s1, _, m1, _ = run_round(alg, alone, [0])
-    s2, _, m2, _ = run_round(alg, padded, [0])
+    s1, _, m1, *_ = run_round(alg, alone, [0])
+    s2, _, m2, *_ = run_round(alg, padded, [0])
     _assert_trees_close(s1.scores, s2.scores, rtol=0, atol=1e-6)
     for name in m1:
         assert float(m1[name]) == pytest.approx(float(m2[name]), rel=1e-6), name
@@ -61,7 +61,7 @@ def test_round_reduces_training_loss():
     cohort = engine.make_cohort(np.arange(4, dtype=np.int32), 4)
     losses = []
     for r in range(4):
-        server, store, m, _ = round_fn(server, store, data, cohort, jax.random.key(r))
+        server, store, m, *_ = round_fn(server, store, data, cohort, jax.random.key(r))
         losses.append(float(m["train_loss"]))
     assert losses[-1] < 0.7 * losses[0]
 
@@ -210,7 +210,7 @@ def test_ynn_fusions_do_not_change_a_conv_round():
         round_fn = engine.make_round_fn(alg, cfg, "host_loop")
         store = engine.init_store(alg, 2)
         out.append(round_fn(server, store, data, cohort, jax.random.key(5)))
-    (s1, _, m1, _), (s2, _, m2, _) = out
+    (s1, _, m1, *_), (s2, _, m2, *_) = out
     for name in m1:
         assert float(m1[name]) == pytest.approx(float(m2[name]), rel=1e-4), name
     # Masks are sampled against scores trained in float32 by different kernels: nearly all

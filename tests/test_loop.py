@@ -24,6 +24,10 @@ class Output(NamedTuple):
     metrics: list
 
 
+class Plan(NamedTuple):
+    fields: dict
+
+
 class FakeProgram:
     """Each run's server state is the number of rounds it trained; ``losses[i](r)`` is run i's
     train loss in round r (0-based)."""
@@ -37,7 +41,10 @@ class FakeProgram:
         return tree[i]
 
     def round_plan(self, r):
-        return ("cohort", r), [{"sampled_clients": 2} for _ in self.losses]
+        return ("cohort", r), [Plan({"sampled_clients": 2}) for _ in self.losses]
+
+    def round_seconds(self, plans, output, metrics):
+        return [1.5 for _ in plans]
 
     def round(self, server, store, cohort, r):
         assert cohort == ("cohort", r)

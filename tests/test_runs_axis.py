@@ -71,13 +71,15 @@ def test_dense_runs_in_one_program_match_each_alone(tmp_path):
 
 
 def test_heterogeneous_federations_in_one_program_match_each_alone(tmp_path):
-    """Stragglers, drops and availability differ per run only in the cohort's values."""
+    """Stragglers, drops, availability and networks differ per run only in the cohort's values
+    and the host's clock (which reads each run's clients' messages from the one program)."""
     base = dataclasses.replace(BASE, rounds=3, local_epochs=2)
-    cfgs = [dataclasses.replace(base, seed=0, local_work="uniform:0.3,1.0", straggler_policy="partial"),
+    cfgs = [dataclasses.replace(base, seed=0, local_work="uniform:0.3,1.0", straggler_policy="partial",
+                                uplink_mbps="lognormal:-5,1", latency_s="uniform:0,0.1"),
             dataclasses.replace(base, seed=1, local_work="uniform:0.3,1.0", round_deadline=1.5,
-                                straggler_policy="drop", availability="bernoulli:0.8"),
+                                straggler_policy="drop", availability="bernoulli:0.8", downlink_mbps="0.1"),
             dataclasses.replace(base, seed=2)]
-    _batch_vs_alone(tmp_path, cfgs, KEYS + MASK_KEYS + ("reported_clients",))
+    _batch_vs_alone(tmp_path, cfgs, KEYS + MASK_KEYS + ("reported_clients", "sim_round_s", "sim_time_s"))
 
 
 def test_shape_key_groups_what_can_share_a_program():

@@ -48,6 +48,11 @@ class CodedUplink:
     curve: str  # the comparison plot's legend for its dashed curve
     also: tuple[str, ...] = ()  # further summary fields a comparison row keeps beside ``bpp``
 
+    @property
+    def metric(self) -> str:
+        """The client metric behind ``bits``: a message's coded bits per parameter."""
+        return "uplink_bpp" + self.bits[len("cumulative_uplink_bits"):]
+
 
 @dataclasses.dataclass(frozen=True)
 class Shows:

@@ -29,6 +29,7 @@ class EngineConfig:
     client_grad: str = "per_client"
     cpu_ynn_fusions: bool = False  # keep XLA:CPU's YNNPACK fusions (see compiler_options)
     collect: int = 0  # cohort positions whose messages the round hands back
+    per_client: tuple[str, ...] = ()  # client metrics the round hands back position by position
     runs_vectorized: int = 0  # of a program's runs, how many are vmapped together (0 = all)
 
 

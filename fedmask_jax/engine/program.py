@@ -64,6 +64,9 @@ class RoundOutput(NamedTuple):
     store: PyTree  # every client's persistent state (leading client axis)
     metrics: dict[str, jax.Array]  # means over the cohort's real clients
     collected: Collected | None  # None when the round collects no messages
+    # [cohort positions] each: the metrics named in EngineConfig.per_client, client by client
+    # (0 where a position does not report); None when it names none.
+    per_client: dict[str, jax.Array] | None = None
 
 
 def _where_tree(pred, new, old):
@@ -101,18 +104,20 @@ class ChunkState(NamedTuple):
 
 
 class Accumulator(NamedTuple):
-    """What the chunks add up to: contribution and metric sums, the store, collected messages."""
+    """What the chunks add up to: contribution and metric sums, the store, collected messages
+    and the per-client metrics."""
 
     sums: tuple[PyTree, dict[str, jax.Array]]
     store: PyTree
     collected: Collected | None
+    per_client: dict[str, jax.Array] | None
 
 
 class _Stages:
     """The round's stages as pure functions over a chunk of clients; ``_round_program``
     strings them together and a ``Loop`` decides how each is run."""
 
-    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, axis: str | None):
+    def __init__(self, alg: FederatedAlgorithm, cfg: EngineConfig, axis: str | None, devices: int = 1):
         if cfg.collect and alg.uplink_payload is None:
             raise ValueError(f"{alg.name} has no uplink_payload to collect")
         if cfg.client_grad not in CLIENT_GRADS:
@@ -120,7 +125,7 @@ class _Stages:
         if cfg.client_grad == "summed" and not alg.separable_step:
             raise ValueError(f"client_grad='summed' needs {alg.name}'s step as client_params, "
                              "client_loss and client_apply")
-        self.alg, self.cfg, self.axis = alg, cfg, axis
+        self.alg, self.cfg, self.axis, self.devices = alg, cfg, axis, devices
         self.chunk, self.b = cfg.client_chunk_size, cfg.batch_size
         self.summed = cfg.client_grad == "summed" and self.chunk > 1
 
@@ -203,7 +208,8 @@ class _Stages:
         return _over_clients(one, self.chunk)(ids, cs.states, cs.persistent, cs.finish_keys,
                                               cs.loss_sum, cs.active_steps)
 
-    def empty_accumulator(self, server, store, data: ClientData, ids, keys, budget) -> Accumulator:
+    def empty_accumulator(self, server, store, data: ClientData, ids, keys, budget, positions) -> Accumulator:
+        """``positions``: this device's cohort positions (its size fixes the per-client buffers')."""
         shapes = jax.eval_shape(
             lambda: self.finish(server, self.begin_chunk(server, store, ids, keys, budget), data, ids))
         zeros = lambda s: jnp.zeros(s.shape[1:], s.dtype)  # noqa: E731
@@ -214,12 +220,18 @@ class _Stages:
             collected = Collected(
                 jnp.zeros((self.cfg.collect, payload.shape[-1]), payload.dtype),
                 {k: jnp.zeros((self.cfg.collect,), v.dtype) for k, v in shapes.metrics.items()})
-        return Accumulator(sums, store, collected)
+        per_client = None
+        if self.cfg.per_client:  # a name the method does not report is left out
+            size = positions.shape[0] * self.devices
+            per_client = {k: jnp.zeros((size,), shapes.metrics[k].dtype)
+                          for k in self.cfg.per_client if k in shapes.metrics} or None
+        return Accumulator(sums, store, collected, per_client)
 
-    def end_chunk(self, server, cs: ChunkState, data: ClientData, ids, valid, slots,
+    def end_chunk(self, server, cs: ChunkState, data: ClientData, ids, valid, slots, positions,
                   acc: Accumulator) -> Accumulator:
         """Adds the chunk's contributions and metrics (weighted by ``valid``), stores its
-        persistent states, and keeps the messages of its collected positions."""
+        persistent states, keeps the messages of its collected positions and writes the
+        per-client metrics at its ``positions`` (this device's)."""
         result = self.finish(server, cs, data, ids)
         weighted_sum = lambda a, x: a + jnp.tensordot(valid, x, axes=1)  # noqa: E731
         sums = jax.tree.map(weighted_sum, acc.sums, (result.contribution, result.metrics))
@@ -233,12 +245,19 @@ class _Stages:
             put = lambda buf, x: buf.at[slots].set(x, mode="drop")  # noqa: E731
             collected = Collected(put(collected.payload, payload),
                                   {k: put(v, result.metrics[k]) for k, v in collected.metrics.items()})
-        return Accumulator(sums, store, collected)
+        per_client = acc.per_client
+        if per_client is not None:
+            if self.axis is not None:  # this device's slice of the cohort comes after the ones before it
+                local = next(iter(per_client.values())).shape[0] // self.devices
+                positions = positions + jax.lax.axis_index(self.axis) * local
+            per_client = {k: v.at[positions].set(jnp.where(valid > 0, result.metrics[k], 0))
+                          for k, v in per_client.items()}
+        return Accumulator(sums, store, collected, per_client)
 
     def end_round(self, server, acc: Accumulator, valid, store_before=None):
         """Combines the sums (over devices when sharded) and applies ``server_update``.
         ``store_before``: the store as the round found it (sharded rounds only)."""
-        (contribution, metrics), store, collected = acc
+        (contribution, metrics), store, collected, per_client = acc
         k = jnp.sum(valid)
         if self.axis is not None:  # each device summed its share of the cohort
             contribution, metrics, k = jax.lax.psum((contribution, metrics, k), self.axis)
@@ -247,10 +266,12 @@ class _Stages:
                                  store_before, store)
             if collected is not None:  # every slot was written on exactly one device
                 collected = jax.lax.psum(collected, self.axis)
+            if per_client is not None:  # as was every position
+                per_client = jax.lax.psum(per_client, self.axis)
         # No client reported (all dropped or unavailable): the server keeps its state.
         server = _where_tree(k > 0, self.alg.server_update(server, contribution, k), server)
         means = {name: v / jnp.maximum(k, 1.0) for name, v in metrics.items()}
-        return RoundOutput(server, store, dict(means, reported_clients=k), collected)
+        return RoundOutput(server, store, dict(means, reported_clients=k), collected, per_client)
 
 
 class Loop:
@@ -271,12 +292,13 @@ def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, coh
         raise ValueError(f"the cohort ({cohort.ids.shape[0]}) is not padded to a multiple of "
                          f"the client chunk ({st.chunk})")
     keys = loop.call(st.client_keys, key, cohort.ids)
+    positions = np.arange(cohort.ids.shape[0], dtype=np.int32)  # this device's share of the cohort
     first = loop.take((cohort.ids, keys, cohort.steps), 0, st.chunk)
-    acc = loop.call(st.empty_accumulator, server, store, data, *first)
+    acc = loop.call(st.empty_accumulator, server, store, data, *first, positions)
 
     def chunk_body(c, acc):
-        ids, valid, ks, slots, budget = loop.take(
-            (cohort.ids, cohort.valid, keys, cohort.collect, cohort.steps), c, st.chunk)
+        ids, valid, ks, slots, budget, places = loop.take(
+            (cohort.ids, cohort.valid, keys, cohort.collect, cohort.steps, positions), c, st.chunk)
         cs = loop.call(st.begin_chunk, server, acc.store, ids, ks, budget)
         steps = loop.steps(st, data, ids)
 
@@ -285,7 +307,7 @@ def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, coh
             return loop.fori(steps, lambda s, cs: loop.call(st.step, server, cs, data, ids, orders, e, s), cs)
 
         cs = loop.fori(st.cfg.local_epochs, epoch_body, cs)
-        return loop.call(st.end_chunk, server, cs, data, ids, valid, slots, acc)
+        return loop.call(st.end_chunk, server, cs, data, ids, valid, slots, places, acc)
 
     acc = loop.fori(cohort.ids.shape[0] // st.chunk, chunk_body, acc)
     return loop.call(st.end_round, server, acc, cohort.valid, store if st.axis else None)
@@ -374,7 +396,7 @@ class RoundFn:
         self.strategy, self.cfg, self.runs = strategy, cfg, runs
         self.devices = mesh.size if sharded else 1
         self.client_devices = mesh.shape[CLIENTS_AXIS] if sharded else 1  # a cohort's devices
-        stages = _Stages(alg, cfg, CLIENTS_AXIS if self.client_devices > 1 else None)
+        stages = _Stages(alg, cfg, CLIENTS_AXIS if self.client_devices > 1 else None, self.client_devices)
         jit = functools.partial(jax.jit, compiler_options=compiler_options(cfg))
         if strategy == "scan":
             program = functools.partial(_round_program, _InProgram(), stages)
@@ -392,7 +414,7 @@ class RoundFn:
                                         out_specs=per_run, check_vma=False)
             self._program = jit(program, donate_argnums=(0, 1))
         else:
-            donate = {stages.step: (1,), stages.end_chunk: (6,)}
+            donate = {stages.step: (1,), stages.end_chunk: (7,)}
             self._stages = {fn: jit(fn, donate_argnums=donate.get(fn, ()))
                             for fn in (stages.client_keys, stages.empty_accumulator, stages.begin_chunk,
                                        stages.epoch_orders, stages.step, stages.end_chunk, stages.end_round)}
