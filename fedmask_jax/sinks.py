@@ -172,6 +172,11 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def format_seconds(seconds: float) -> str:
+    """A span of the simulated clock: tenths of a second under a minute, then as an ETA."""
+    return f"{seconds:.1f}s" if seconds < 60 else format_eta(seconds)
+
+
 def progress_line(record: dict, total_rounds: int, eta_s: float, shows: Shows = Shows()) -> str:
     """One round at a glance: every run's fields, then those the method declares (``shows``);
     the fields a round does not report are left out."""
@@ -194,6 +199,8 @@ def progress_line(record: dict, total_rounds: int, eta_s: float, shows: Shows = 
     parts += [f"{c.label} {fill(c.format, record[c.key], record)}" for c in shows.columns if c.key in record]
     if "epsilon" in record:
         parts.append(f"eps {record['epsilon']:.3g}")
+    if "sim_time_s" in record:
+        parts.append(f"sim {format_seconds(record['sim_time_s'])}")
     parts.append(f"{record['round_time_s']:.2f}s/round")
     if record.get("wall_time_s", 0) > 1.5 * record["round_time_s"] + 0.01:  # host-bound
         parts[-1] += f" ({record['wall_time_s']:.2f}s wall)"
@@ -210,6 +217,8 @@ def summary_line(summary: dict, shows: Shows = Shows()) -> str:
         text += f" ({also.summary} {s[f'final_{also.key}']:.4f})"
     text += f", mean uplink {s['mean_uplink_bpp']:.4f} bpp"
     text += "".join(fill(template, s[key], s) for key, template in shows.summary if key in s)
+    if "sim_time_s" in s:
+        text += f", {format_seconds(s['sim_time_s'])} simulated"
     return text + (f"; {s['total_time_s']:.1f}s total, {s['steady_round_time_s']:.2f}s/round; "
                    f"results in {s['workdir']}")
 

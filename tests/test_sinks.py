@@ -32,6 +32,15 @@ def test_a_dense_method_shows_every_runs_fields():
         "round    3/10 | acc 0.8123 | test loss 0.500 | train loss 0.457 | bpp 0.990 | 1.23s/round | ETA 33s")
 
 
+def test_the_simulated_clock_is_shown_where_the_record_has_it():
+    assert sinks.progress_line({**ROUND, "sim_time_s": 754.2}, 10, 33.0, DENSE) == (
+        "round    3/10 | acc 0.8123 | test loss 0.500 | train loss 0.457 | bpp 0.990 | sim 12m34s | 1.23s/round "
+        "| ETA 33s")
+    assert _summary_line({**SUMMARY, "algorithm": "fedavg", "sim_time_s": 30.0}, DENSE) == (
+        "done: fedavg test accuracy 0.8000, mean uplink 1.0000 bpp, 30.0s simulated; 5.0s total, 1.00s/round; "
+        "results in /runs/x\n")
+
+
 def test_a_mask_method_shows_its_declared_fields_in_their_order():
     line = sinks.progress_line({**ROUND, **MASK_FIELDS, "epsilon": 12.345}, 10, 75.0, MASK)
     assert line == ("round    3/10 | acc 0.8123 (thr 0.8000) | test loss 0.500 | train loss 0.457 | bpp 0.990 | "
