@@ -24,6 +24,7 @@ import sys
 import threading
 
 import jax
+import numpy as np
 
 from fedmask_jax import distributed, outputs
 from fedmask_jax.history import History
@@ -201,9 +202,12 @@ class Checkpointer:
         return ocp.CheckpointManager(self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
     @staticmethod
-    def _device_state(server, store) -> dict:
+    def _device_state(server, store, buffer=None) -> dict:
         # Typed PRNG keys are stored as their raw key data.
-        return {"server": server._replace(key=jax.random.key_data(server.key)), "store": store}
+        state = {"server": server._replace(key=jax.random.key_data(server.key)), "store": store}
+        if buffer is not None:  # buffered aggregation's slots: contributions and their schedule
+            state["buffer"] = {"values": buffer.values, "schedule": buffer.schedule._asdict()}
+        return state
 
     def clear(self) -> None:
         """A fresh run replaces an old run's checkpoints."""
@@ -211,17 +215,18 @@ class Checkpointer:
         if os.path.isdir(self.folder):
             shutil.rmtree(self.folder)
 
-    def save(self, rounds_done: int, server, store, histories: list[History]) -> None:
+    def save(self, rounds_done: int, server, store, histories: list[History], buffer=None) -> None:
         """The state after ``rounds_done`` rounds; ``histories``: each run's (one, or a
-        batch's), the server and store with the batch's leading runs axis."""
+        batch's), the server, store and buffered aggregation's ``buffer`` with the batch's
+        leading runs axis."""
         with _signals_held(), _closed_loop_tracebacks_dropped():
-            self._save(rounds_done, server, store, histories)
+            self._save(rounds_done, server, store, histories, buffer)
 
-    def _save(self, rounds_done: int, server, store, histories: list[History]) -> None:
+    def _save(self, rounds_done: int, server, store, histories: list[History], buffer=None) -> None:
         import orbax.checkpoint as ocp
 
         self._problems.pop(rounds_done, None)
-        state, history = self._device_state(server, store), {"runs": [h.to_json() for h in histories]}
+        state, history = self._device_state(server, store, buffer), {"runs": [h.to_json() for h in histories]}
         try:
             with _quiet_orbax(), self._manager() as mngr:
                 mngr.save(rounds_done, args=ocp.args.Composite(
@@ -291,8 +296,8 @@ class Checkpointer:
             return f"{len(extra)} unexpected file(s), e.g. {extra[0]}"
         return None
 
-    def restore_latest(self, server_like, store_like, runs: int = 1):
-        """(step, server, store, histories, notes) of the newest checkpoint that verifies and
+    def restore_latest(self, server_like, store_like, runs: int = 1, buffer_like=None):
+        """(step, server, store, buffer, histories, notes) of the newest checkpoint that verifies and
         restores with ``runs`` histories; ``notes`` says which newer ones were passed over
         and why. None when there is no checkpoint; ``CheckpointError`` when there are some
         and none can be used."""
@@ -305,7 +310,7 @@ class Checkpointer:
                 try:
                     with self._manager() as mngr:
                         restored = mngr.restore(step, args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(self._device_state(server_like, store_like)),
+                            state=ocp.args.StandardRestore(self._device_state(server_like, store_like, buffer_like)),
                             history=ocp.args.JsonRestore()))
                     histories = [History.from_json(list(h)) for h in restored.history["runs"]]
                     if len(histories) != runs or max(h.rounds_done for h in histories) != step:
@@ -316,7 +321,12 @@ class Checkpointer:
             if why is None:
                 state = restored.state
                 server = state["server"]._replace(key=jax.random.wrap_key_data(state["server"].key))
-                return step, server, state["store"], histories, notes
+                buffer = None
+                if buffer_like is not None:
+                    kept = state["buffer"]
+                    buffer = buffer_like._replace(values=kept["values"], schedule=type(buffer_like.schedule)(
+                        **{k: np.asarray(v) for k, v in kept["schedule"].items()}))
+                return step, server, state["store"], buffer, histories, notes
             notes.append(f"checkpoint {step}: {why}")
         if steps:
             raise CheckpointError(f"--resume: no usable checkpoint in {self.folder} ("

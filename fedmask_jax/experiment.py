@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fedmask_jax import buffered as buffered_lib
 from fedmask_jax import config as config_lib
 from fedmask_jax import conv, distributed, engine, federation, keys, models
 from fedmask_jax.algorithms import registry
@@ -31,7 +32,7 @@ from fedmask_jax.run_config import RunConfig
 # or the initial state (the methods' own such settings are marked ``vary=True``).
 RUN_VARYING = ("seed", "split", "classes_per_client", "dirichlet_alpha", "max_examples_per_client",
                "availability", "local_work", "round_deadline", "straggler_policy", "uplink_mbps",
-               "downlink_mbps", "latency_s")
+               "downlink_mbps", "latency_s", "staleness")
 # Settings that say where and how results are written, not what is computed.
 OUTPUT_ONLY = ("workdir", "verbose", "tensorboard", "checkpoint_every", "resume",
                "allow_config_change", "data_dir", "archive_dir", "download")
@@ -76,6 +77,14 @@ class RunsAxis:
             return engine.runs_mesh(self.size, num_devices)
         # the host loop drives one device; the scanned round shards clients over the mesh
         return engine.clients_mesh(num_devices if strategy == "scan" else 1)
+
+
+class Buffer(NamedTuple):
+    """Buffered aggregation's slots between rounds: their contributions (on the device) and
+    their schedule (on the host), both on the runs axis."""
+
+    values: PyTree
+    schedule: buffered_lib.Schedule
 
 
 @dataclasses.dataclass
@@ -129,10 +138,28 @@ class Experiment:
     def cohort(self, round_index: int) -> engine.Cohort:
         return self.round_plan(round_index)[0]
 
-    def round_plan(self, round_index: int) -> tuple[engine.Cohort, list[federation.RoundPlan]]:
+    @property
+    def buffered(self) -> bool:
+        return self.runs[0].cfg.aggregation == "buffered"
+
+    def initial_buffer(self, server) -> "Buffer | None":
+        """Buffered aggregation's slots before round 1 (empty), on the runs axis; None for
+        synchronous runs."""
+        if not self.buffered:
+            return None
+        cfg = self.runs[0].cfg
+        padded = -(-cfg.slots // self.engine_config.client_chunk_size) * self.engine_config.client_chunk_size
+        values = engine.init_contributions(self.runs[0].algorithm, self.axis.part(server, 0), padded)
+        values = self.axis.stack([values] * len(self.runs))
+        schedule = self.axis.stack([buffered_lib.empty_schedule(cfg.slots, padded)] * len(self.runs), xp=np)
+        return Buffer(self._place(values, self.axis.spec()), schedule)
+
+    def round_plan(self, round_index: int, buffer: "Buffer | None" = None) -> tuple[engine.Cohort, list]:
         """The round's cohort (every run's) and each run's plan: its clients, their work and
         the record fields saying how many were available, sampled, dropped or partial (when
-        those settings are on)."""
+        those settings are on); buffered: the refills of the slots the last update freed."""
+        if buffer is not None:
+            return self._refills(round_index, buffer)
         multiple = self.engine_config.client_chunk_size * self.round_fn.client_devices
         plans = [r.federation.plan(round_index) for r in self.runs]
         cohort = self.axis.stack([
@@ -142,10 +169,93 @@ class Experiment:
         split = (engine.CLIENTS_AXIS,) if self.round_fn.client_devices > 1 else ()
         return self._place(cohort, self.axis.spec(*split)), plans
 
+    def _cohort(self, plans, round_index: int, size: int) -> engine.Cohort:
+        multiple = self.engine_config.client_chunk_size * self.round_fn.client_devices
+        cohort = self.axis.stack([engine.make_cohort(p.clients, multiple, self.engine_config.collect, r.cfg.seed,
+                                                     round_index, size=size) for p, r in zip(plans, self.runs)], xp=np)
+        split = (engine.CLIENTS_AXIS,) if self.round_fn.client_devices > 1 else ()
+        return self._place(cohort, self.axis.spec(*split))
+
+    def _kept(self, buffer: "Buffer", plans, width: int) -> engine.Contributions:
+        """The slots' contributions with each cohort position's slot (past the last: none)."""
+        slots = []
+        for p in plans:
+            row = np.full(width, len(buffer.schedule.ids.reshape(-1)), np.int32)  # out of range
+            row[:len(p.slots)] = p.slots
+            slots.append(row)
+        split = (engine.CLIENTS_AXIS,) if self.round_fn.client_devices > 1 else ()
+        return engine.Contributions(buffer.values, self._place(self.axis.stack(slots, xp=np), self.axis.spec(*split)))
+
+    def _refills(self, round_index: int, buffer: "Buffer", slots_of=None, stream: int | None = None, planned=None):
+        """Each run's refills: as many of its free slots as a round trains (``slots_of``: which
+        ones, given the free ones), with clients sampled among those not in flight (nor in
+        the round's ``planned`` refills)."""
+        m = self.runs[0].cfg.buffered_clients
+        plans = []
+        for i, run in enumerate(self.runs):
+            s = self.axis.part(buffer.schedule, i)
+            free = np.flatnonzero(s.free)
+            slots = free[-m:] if slots_of is None else slots_of(free)
+            busy = buffered_lib.in_flight(s)
+            if planned is not None:
+                busy = np.concatenate([busy, planned[i].clients])
+            clients = run.federation.refill(round_index, len(slots), busy, stream)
+            plans.append(buffered_lib.Refill(clients, None, None, {}, slots[:len(clients)]))
+        return self._cohort(plans, round_index, m), plans
+
+    def _store(self, server, store, buffer: "Buffer", cohort, plans, key, version: int):
+        """One storing round: the refills train from ``server``, their contributions go into
+        their slots and the schedule says when each finishes."""
+        width = int(np.shape(cohort.ids)[-1])
+        out = self.round_fn(server, store, self.data, cohort, key, self._kept(buffer, plans, width))
+        metrics, per_client = self.metrics(out), jax.device_get(out.per_client)
+        n, schedules = self.num_params, []
+        for i, (run, plan) in enumerate(zip(self.runs, plans)):
+            part = self.axis.part(per_client, i)
+            bits = n * np.asarray(part[self.uplink_metric if self.uplink_metric in part else "uplink_bpp"], np.float64)
+            k = len(plan.clients)
+            seconds = run.federation.seconds(plan.clients, bits[:k], n * metrics[i].get("downlink_bpp", 0.0))
+            schedules.append(buffered_lib.dispatched(self.axis.part(buffer.schedule, i), plan.slots, plan.clients,
+                                                     version, seconds))
+        return out, Buffer(out.contributions, self.axis.stack(schedules, xp=np))
+
+    def _buffered_round(self, server, store, cohort, round_index: int, buffer: "Buffer", plans):
+        """Round ``round_index`` of buffered aggregation (``fedmask_jax.buffered``): the first
+        round fills the slots beyond its own refills at time 0; the refills train and the
+        first ``--buffer_size`` finishers update the server."""
+        cfg = self.runs[0].cfg
+        m = cfg.buffered_clients
+        if round_index == 0:
+            for j in range(-(-(cfg.slots - m) // m)):
+                fill_cohort, fill_plans = self._refills(
+                    j, buffer, slots_of=lambda free: free[:max(0, len(free) - m)][:m], stream=keys.BUFFER_FILL,
+                    planned=plans)
+                filled, buffer = self._store(server, store, buffer, fill_cohort, fill_plans,
+                                             self.axis.stack([keys.fill_key(r.cfg.seed, j) for r in self.runs]), 0)
+                server, store = filled.server, filled.store  # handed back as they were (donated)
+        out, buffer = self._store(server, store, buffer, cohort, plans, self.round_key(round_index), round_index)
+        weights, schedules, fields = [], [], []
+        for i in range(len(self.runs)):
+            s = self.axis.part(buffer.schedule, i)
+            update, s = buffered_lib.next_update(s, m, round_index, cfg.staleness)
+            weights.append(update.weights)
+            schedules.append(s)
+            fields.append({"sim_round_s": update.time - float(self.axis.part(buffer.schedule, i).clock),
+                           "buffered_clients": len(update.slots),
+                           "staleness_mean": float(update.staleness.mean()) if len(update.slots) else 0.0,
+                           "staleness_max": int(update.staleness.max()) if len(update.slots) else 0})
+        weights = self._place(self.axis.stack(weights, xp=np), self.axis.spec())
+        server = self.round_fn.aggregate(out.server, out.contributions, weights)
+        metrics = dict(out.metrics, **{k: self.axis.stack([np.asarray(f[k]) for f in fields], xp=np) for k in fields[0]})
+        return out._replace(server=server, metrics=metrics,
+                            contributions=Buffer(out.contributions, self.axis.stack(schedules, xp=np)))
+
     def round_seconds(self, plans: Sequence[federation.RoundPlan], output: engine.RoundOutput,
                       metrics: Sequence[dict[str, float]]) -> list[float]:
         """Each run's round on the simulated clock (``Federation.round_seconds``), from its
         clients' messages: the coded uplink where the method codes it, else its bits."""
+        if self.buffered:
+            return [m["sim_round_s"] for m in metrics]
         n = self.num_params
         per_client = jax.device_get(output.per_client) if output.per_client else None
         seconds = []
@@ -171,14 +281,24 @@ class Experiment:
     def eval_key(self, round_index: int) -> jax.Array:
         return self.axis.stack([keys.eval_key(r.cfg.seed, round_index) for r in self.runs])
 
-    def round(self, server, store, cohort: engine.Cohort, round_index: int) -> engine.RoundOutput:
-        """Every run's round ``round_index`` (0-based) over ``cohort``."""
+    def round(self, server, store, cohort: engine.Cohort, round_index: int, buffer: "Buffer | None" = None,
+              plans=None) -> engine.RoundOutput:
+        """Every run's round ``round_index`` (0-based) over ``cohort``; buffered (``buffer``,
+        with ``round_plan``'s ``plans``): the refills train, the first finishers update the
+        server, and the output's ``contributions`` is the new ``Buffer``."""
+        if buffer is not None:
+            return self._buffered_round(server, store, cohort, round_index, buffer, plans)
         return self.round_fn(server, store, self.data, cohort, self.round_key(round_index))
 
-    def compile(self, server, store) -> float:
+    def compile(self, server, store, buffer: "Buffer | None" = None) -> float:
         """Compiles the round and the evaluation ahead of time; returns the seconds it took."""
         t0 = time.perf_counter()
-        self.round_fn.compile(server, store, self.data, self.cohort(0), self.round_key(0))
+        if buffer is not None:
+            cohort, plans = self.round_plan(0, buffer)
+            self.round_fn.compile(server, store, self.data, cohort, self.round_key(0),
+                                  self._kept(buffer, plans, int(np.shape(cohort.ids)[-1])))
+        else:
+            self.round_fn.compile(server, store, self.data, self.cohort(0), self.round_key(0))
         self.eval_fn = self.eval_fn.lower(server, self.x_test, self.y_test, self.eval_key(0)).compile()
         return time.perf_counter() - t0
 
@@ -256,7 +376,8 @@ def _check_memory(runs: Sequence[Run], engine_config: engine.EngineConfig, mesh:
     cfg, algorithm, width = runs[0].cfg, runs[0].algorithm, _index_width(runs)
     per_device = -(-len(runs) // mesh.shape.get(engine.RUNS_AXIS, 1))
     parts = engine.memory_needed(algorithm, engine_config, num_clients=cfg.num_clients, index_width=width,
-                                 runs=len(runs), runs_per_device=per_device)
+                                 runs=len(runs), runs_per_device=per_device,
+                                 slots=cfg.slots if cfg.aggregation == "buffered" else 0)
     parts["training and test data"] = sum(a.nbytes for a in (dataset.x_train, dataset.y_train,
                                                              dataset.x_test, dataset.y_test))
     needed = sum(parts.values())
@@ -271,6 +392,7 @@ def _check_memory(runs: Sequence[Run], engine_config: engine.EngineConfig, mesh:
                                     "across rounds), or run without the setting that keeps it",
         "client chunk": "lower --client_chunk_size",
         "collected messages": "check fewer clients' messages per round (--verify_coded_clients)",
+        "buffered contributions": "lower --concurrency",
         "training and test data": "choose a smaller --dataset",
     }[largest]
     if len(runs) > 1:
@@ -283,10 +405,15 @@ def _check_memory(runs: Sequence[Run], engine_config: engine.EngineConfig, mesh:
         + f") and {where} {_size(available)}; {fix}")
 
 
+def _trained_per_round(cfg: RunConfig) -> int:
+    """Clients a round trains: its cohort, or buffered aggregation's refills."""
+    return cfg.buffered_clients if cfg.aggregation == "buffered" else cfg.clients_per_round
+
+
 def _clocked_metrics(spec: MethodSpec, runs: Sequence[Run]) -> tuple[str, ...]:
     """The client metrics the simulated clock reads client by client: none unless a bandwidth
     is finite (so that a run without a network model compiles the program it always had)."""
-    if not any(r.federation.network.limited for r in runs):
+    if not any(r.federation.network.limited for r in runs) and runs[0].cfg.aggregation == "sync":
         return ()
     coded = spec.shows.coded_uplink
     return ("uplink_bpp", *((coded.metric,) if coded else ()))
@@ -341,16 +468,17 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
     methods = [c.method_config for c in cfgs]
     algorithms = [spec.build(arch, m) for m in methods]  # all of them before any hook starts work
     runs = [Run(c, m, parts, alg, fed,
-                list(spec.host_hooks(HostContext(alg, m, arch, c.seed, c.clients_per_round, w, c.verbose,
+                list(spec.host_hooks(HostContext(alg, m, arch, c.seed, _trained_per_round(c), w, c.verbose,
                                                  num_clients=c.num_clients, rounds=c.rounds,
-                                                 uniform_sampling=fed.uniform_sampling))))
+                                                 uniform_sampling=fed.uniform_sampling and c.aggregation == "sync",
+                                                 synchronous=c.aggregation == "sync"))))
             for c, m, w, parts, fed, alg in zip(cfgs, methods, workdirs, partitions, federations, algorithms)]
     axis, program_alg = RunsAxis(len(runs)), runs[0].algorithm  # the program traces run 0's algorithm
 
     backend = jax.default_backend()
     conv.set_cpu_kernel(cfg.cpu_conv)  # read when the round and evaluation are traced
     conv.set_conv_precision(cfg.conv_precision)
-    plan = engine.plan_execution(cfg, runs=len(runs), num_params=program_alg.num_params, conv=arch.conv,
+    plan = engine.plan_execution(cfg.replace(clients_per_round=_trained_per_round(cfg)), runs=len(runs), num_params=program_alg.num_params, conv=arch.conv,
                                  backend=backend, separable_step=program_alg.separable_step)
     strategy = plan.strategy
     if len(runs) > 1 and strategy != "scan":
@@ -361,6 +489,7 @@ def build(cfgs: RunConfig | Sequence[RunConfig], *, dataset: Dataset | None = No
                                         cpu_ynn_fusions=cfg.cpu_ynn_fusions,
                                         collect=max([h.collect for h in runs[0].hooks], default=0),
                                         per_client=_clocked_metrics(spec, runs),
+                                        store_contributions=cfg.aggregation == "buffered",
                                         runs_vectorized=plan.runs_vectorized)
     mesh = axis.mesh(cfg.num_devices, strategy)
     distributed.check_mesh(mesh.devices.flat, strategy)  # several processes: one mesh over all

@@ -278,6 +278,27 @@ class Federation:
                                net.downlink_bps[clients], net.uplink_bps[clients], net.latency_s[clients])
         return float(times.max())
 
+    def refill(self, round_index: int, count: int, busy: np.ndarray, stream: int | None = None) -> np.ndarray:
+        """``count`` clients (fewer if fewer are free) sampled uniformly without replacement
+        among those available in round ``round_index`` and not ``busy``, keyed by
+        (seed, round) as a synchronous cohort is (``stream``: by (seed, stream, round)
+        instead); sorted. With none busy and every client available, it is that cohort."""
+        n = self.num_clients
+        free = np.ones(n, bool)
+        if self.available is not None:
+            draw = np.random.default_rng([self.seed, round_index, _AVAILABLE]).random(n)
+            free = draw < self.available(round_index)
+        free[np.asarray(busy, np.int64)] = False
+        pool = np.flatnonzero(free).astype(np.int32)
+        rng = np.random.default_rng([self.seed, round_index] if stream is None else [self.seed, stream, round_index])
+        return np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False)).astype(np.int32)
+
+    def seconds(self, clients: np.ndarray, uplink_bits: np.ndarray, downlink_bits: float) -> np.ndarray:
+        """Each client's time for its full local work and its messages (buffered aggregation)."""
+        net = self.network
+        return client_seconds(1.0 / self.speeds[clients], downlink_bits, np.asarray(uplink_bits, np.float64),
+                              net.downlink_bps[clients], net.uplink_bps[clients], net.latency_s[clients])
+
     @property
     def uniform_sampling(self) -> bool:
         """Every round's reporting clients are a uniform sample of K of the N (what a privacy
@@ -293,6 +314,8 @@ def build(cfg, client_sizes: np.ndarray) -> Federation:
     speeds = client_speeds(cfg.local_work, n, cfg.seed)
     capacity = speeds * cfg.round_deadline
     budget = np.where(capacity >= 1.0, full, np.floor(capacity * full + 1e-9)).astype(np.int64)
+    if cfg.aggregation == "buffered":  # every client works until it is done; C are in flight
+        budget, capacity, k = full, np.ones(n), cfg.slots
     if cfg.straggler_policy == "drop" and not (capacity >= 1.0).any():
         raise ValueError(f"--round_deadline={cfg.round_deadline:g}: no client can finish its local work in "
                          f"time under --local_work={cfg.local_work} (fastest speed "
@@ -307,8 +330,9 @@ def build(cfg, client_sizes: np.ndarray) -> Federation:
         horizon = range(1 if getattr(avail, "constant", False) else min(cfg.rounds, 1000))
         expected = min(float(np.sum(avail(r))) for r in horizon)
         if expected < k:
+            what = "--concurrency" if cfg.aggregation == "buffered" else "--clients_per_round"
             raise ValueError(f"--availability={cfg.availability} leaves on average {expected:.1f} of the "
-                             f"{n} clients available in some round, fewer than --clients_per_round={k}; "
-                             "lower --clients_per_round or raise the availability")
+                             f"{n} clients available in some round, fewer than {what}={k}; "
+                             f"lower {what} or raise the availability")
     return Federation(cfg.seed, n, k, full, budget, cfg.straggler_policy, avail, speeds, cfg.round_deadline,
                       network(cfg))

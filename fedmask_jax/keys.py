@@ -4,14 +4,15 @@ Everything random in a run derives from ``jax.random.key(seed)`` folded with a s
 so that resuming, re-chunking or re-sharding a run draws the same numbers: 0 the server's
 initial state (frozen weights, scores), 1 the rounds (then the round index; the engine folds
 in client ids, epochs and steps), 2 evaluation (then the round index), 3 and 4 the masks of
-the final model's size and file.
+the final model's size and file, 5 buffered aggregation's first fill of its slots (then
+the fill's index).
 """
 
 from __future__ import annotations
 
 import jax
 
-SERVER, ROUNDS, EVALUATION, FINAL_MODEL_SIZE, FINAL_MODEL_FILE = range(5)
+SERVER, ROUNDS, EVALUATION, FINAL_MODEL_SIZE, FINAL_MODEL_FILE, BUFFER_FILL = range(6)
 
 
 def stream(seed: int, which: int) -> jax.Array:
@@ -30,3 +31,8 @@ def round_key(seed: int, round_index: int) -> jax.Array:
 
 def eval_key(seed: int, round_index: int) -> jax.Array:
     return jax.random.fold_in(stream(seed, EVALUATION), round_index)
+
+
+def fill_key(seed: int, index: int) -> jax.Array:
+    """The key of buffered aggregation's ``index``-th fill of its slots before round 1."""
+    return jax.random.fold_in(stream(seed, BUFFER_FILL), index)

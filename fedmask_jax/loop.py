@@ -28,6 +28,7 @@ class State(NamedTuple):
 
     server: PyTree
     store: PyTree
+    buffer: Any = None  # buffered aggregation's slots (``experiment.Buffer``); None when synchronous
 
 
 class RoundView(NamedTuple):
@@ -93,13 +94,13 @@ def run_rounds(exp: Experiment, state: State, tracks: Sequence[Track], *,
     for r in range(start, end):
         recording = [(i, t) for i, t in enumerate(tracks) if t.records(r)]
         tickets = {i: [h.before_round(r, exp.part(state.server, i)) for h in t.run.hooks] for i, t in recording}
-        cohort, plans = exp.round_plan(r)
+        cohort, plans = exp.round_plan(r, state.buffer)
         t0 = time.perf_counter()
-        result = exp.round(state.server, state.store, cohort, r)
+        result = exp.round(state.server, state.store, cohort, r, state.buffer, plans)
         metrics = exp.metrics(result)
         round_time = time.perf_counter() - t0
         sim_seconds = exp.round_seconds(plans, result, metrics)
-        state = State(result.server, result.store)
+        state = State(result.server, result.store, result.contributions)
         diverged = [not finite(m["train_loss"]) for m in metrics]  # the aggregate is poisoned
         due = [(r + 1) % t.cfg.eval_every == 0 or r + 1 == t.last for t in tracks]
         t_eval = time.perf_counter()

@@ -179,6 +179,9 @@ def accountant_hooks(ctx: HostContext) -> list[HostHook]:
     z = getattr(cfg, "dp_noise_multiplier", 0.0)
     entry_eps = getattr(cfg, "mask_rr_epsilon", 0.0)
     if z > 0:
+        if not ctx.synchronous:
+            raise ValueError("DP-FedAvg (--dp_noise_multiplier) needs --aggregation=sync: its accounting "
+                             "assumes each round's clients are sampled together, not refilled as they finish")
         _check_delta(cfg.dp_delta, ctx.num_clients)
         event = gaussian_round(z, ctx.num_clients, ctx.clients_per_round, ctx.uniform_sampling)
         sampled = ctx.uniform_sampling and ctx.clients_per_round < ctx.num_clients

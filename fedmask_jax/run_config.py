@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from fedmask_jax import config as config_lib
-from fedmask_jax import conv, engine, federation, models
+from fedmask_jax import buffered, conv, engine, federation, models
 from fedmask_jax.algorithms import registry
 from fedmask_jax.config import setting
 from fedmask_jax.data import DATASETS, SPLITS
@@ -66,6 +66,17 @@ class RunConfig:
     downlink_mbps: str = setting("inf", "Each client's downlink in Mbit/s, as --uplink_mbps.")
     latency_s: str = setting("0", "Each client's latency per round in seconds: a number, "
                              "uniform:LOW,HIGH, lognormal:MU,SIGMA or csv:PATH.")
+    aggregation: str = setting("sync", "sync: each round trains --clients_per_round clients and waits for "
+                               "all of them; buffered: --concurrency clients in flight at once, the server "
+                               "updating whenever --buffer_size of them have finished (FedBuff), on the "
+                               "simulated clock.", choices=buffered.AGGREGATIONS)
+    concurrency: int = setting(0, "With --aggregation=buffered: clients in flight at once (0 = "
+                               "--clients_per_round).", min=0)
+    buffer_size: int = setting(0, "With --aggregation=buffered: finished clients per server update (0 = "
+                               "--clients_per_round).", min=0)
+    staleness: str = setting("constant", "With --aggregation=buffered: a finished client's weight by the "
+                             "server versions since its download, tau: constant (1) or poly:A "
+                             "(1/(1+tau)^A).")
     seed: int = setting(0, "Seed of frozen weights, partition, cohorts and masks.", min=0)
     workdir: str = setting("runs/default", "Where metrics.jsonl, summary.json and the rest go.")
     eval_every: int = setting(1, "Evaluate every this many rounds (and at the last).", min=1)
@@ -117,7 +128,37 @@ class RunConfig:
             raise ValueError(f"--clients_per_round must be between 1 and --num_clients={self.num_clients}, "
                              f"got {self.clients_per_round}")
         federation.network(self)  # raises on a bad bandwidth or latency, before any data is read
+        self._check_aggregation()
         self.method_config  # raises on a setting the method lacks or a bad value
+
+    def _check_aggregation(self) -> None:
+        if self.aggregation == "sync":
+            given = [f"--{name}={getattr(self, name)}" for name, default in
+                     (("concurrency", 0), ("buffer_size", 0), ("staleness", "constant")) if getattr(self, name) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to --aggregation=buffered (this run is sync)")
+            return
+        buffered.check_staleness(self.staleness)
+        c, m = self.slots, self.buffered_clients
+        if c > self.num_clients:
+            raise ValueError(f"--concurrency={c} is more than the --num_clients={self.num_clients} clients; "
+                             f"choose at most {self.num_clients}")
+        if m > c:
+            raise ValueError(f"--buffer_size={m} is more than the --concurrency={c} clients in flight; "
+                             f"choose at most {c}")
+        if self.round_deadline != 1.0 or self.straggler_policy != "partial":
+            raise ValueError("--round_deadline and --straggler_policy do not apply to --aggregation=buffered "
+                             "(a client works until it is done; its speed sets when)")
+
+    @property
+    def slots(self) -> int:
+        """Clients in flight at once (buffered aggregation)."""
+        return self.concurrency or self.clients_per_round
+
+    @property
+    def buffered_clients(self) -> int:
+        """Finished clients per server update (buffered aggregation)."""
+        return self.buffer_size or self.clients_per_round
 
     @property
     def method_config(self):

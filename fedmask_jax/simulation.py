@@ -78,14 +78,15 @@ def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log,
     logs = []
     try:
         server, store = exp.initial_state()
+        buffer = exp.initial_buffer(server)
         histories, start, notes, restored = [History() for _ in cfgs], 0, [], None
         if resume:  # before compiling: a workdir that cannot be resumed fails at once
-            restored = checkpointer.restore_latest(server, store, len(exp.runs))
+            restored = checkpointer.restore_latest(server, store, len(exp.runs), buffer)
         if restored is not None:
-            start, server, store, histories, notes = restored
+            start, server, store, buffer, histories, notes = restored
             if start != checked:  # a newer checkpoint verified but did not restore
                 _check_same_config(cfgs, workdirs, checkpointer, step=start)
-        compile_s = exp.compile(server, store)
+        compile_s = exp.compile(server, store, buffer)
         header = [exp.describe() + f"; compiled in {compile_s:.1f}s",
                   *filter(None, (h.header() for h in exp.runs[0].hooks))]
         if resume:
@@ -109,10 +110,10 @@ def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log,
 
         def save(state: loop.State) -> None:
             checkpointer.save(max(t.history.rounds_done for t in tracks), state.server, state.store,
-                              [t.history for t in tracks])
+                              [t.history for t in tracks], state.buffer)
 
         try:
-            state = loop.run_rounds(exp, loop.State(server, store), tracks, save=save,
+            state = loop.run_rounds(exp, loop.State(server, store, buffer), tracks, save=save,
                                     save_every=cfgs[0].checkpoint_every)
         except BaseException:
             for track in tracks:

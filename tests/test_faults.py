@@ -335,6 +335,10 @@ def test_a_run_whose_arrays_cannot_fit_is_refused_before_they_are_allocated(tmp_
     assert needed["client index"] == 1000 * 7 * 4
     assert needed["persistent client states"] >= 1000 * per_client
     assert needed["collected messages"] == 3 * 4 * -(-1210 // 32)  # bit-packed masks
+    assert needed["buffered contributions"] == 0
+    buffered = engine.memory_needed(_tiny_algorithm(), engine.EngineConfig(client_chunk_size=2), num_clients=1000,
+                                    index_width=7, slots=50)
+    assert buffered["buffered contributions"] == 50 * 4 * 1210  # a float32 contribution per slot
 
 
 def _tiny_algorithm():

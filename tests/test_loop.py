@@ -22,6 +22,7 @@ class Output(NamedTuple):
     store: list
     collected: list
     metrics: list
+    contributions: None = None
 
 
 class Plan(NamedTuple):
@@ -40,13 +41,13 @@ class FakeProgram:
     def part(self, tree, i):
         return tree[i]
 
-    def round_plan(self, r):
+    def round_plan(self, r, buffer=None):
         return ("cohort", r), [Plan({"sampled_clients": 2}) for _ in self.losses]
 
     def round_seconds(self, plans, output, metrics):
         return [1.5 for _ in plans]
 
-    def round(self, server, store, cohort, r):
+    def round(self, server, store, cohort, r, buffer=None, plans=None):
         assert cohort == ("cohort", r)
         self.rounds.append(r)
         metrics = [{"train_loss": loss(r), "uplink_bpp": 0.5, "reported_clients": 2.0} for loss in self.losses]

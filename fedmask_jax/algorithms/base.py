@@ -138,6 +138,9 @@ class HostContext:
     # Each round's reporting clients are a uniform sample of K of the N (no availability or
     # straggler drops in between): what a privacy accountant's sampling amplification assumes.
     uniform_sampling: bool = True
+    # Every round waits for all of its clients (False: buffered aggregation, the server updating
+    # whenever some of the clients in flight have finished).
+    synchronous: bool = True
 
 
 class HostHook:

@@ -28,14 +28,15 @@ The engine knows nothing about masks: everything method-specific is in the
 
 from fedmask_jax.engine.cohort import Cohort, make_cohort
 from fedmask_jax.engine.config import CLIENT_GRADS, STRATEGIES, EngineConfig, compiler_options
-from fedmask_jax.engine.data import ClientData, check_client_data, client_data_from_partition, init_store
+from fedmask_jax.engine.data import (ClientData, check_client_data, client_data_from_partition, init_contributions,
+                                     init_store)
 from fedmask_jax.engine.evaluation import make_eval_fn
 from fedmask_jax.engine.placement import CLIENTS_AXIS, RUNS_AXIS, clients_mesh, runs_mesh
 from fedmask_jax.engine.plan import (ExecutionPlan, ExecutionSettings, auto_chunk_size, auto_client_grad,
                                      auto_runs_per_program, auto_runs_vectorized, auto_strategy,
                                      cpu_cache_bytes, device_memory_bytes, host_memory_bytes,
                                      memory_needed, message_bytes, plan_execution)
-from fedmask_jax.engine.program import Collected, RoundFn, RoundOutput, make_round_fn
+from fedmask_jax.engine.program import Collected, Contributions, RoundFn, RoundOutput, make_round_fn
 # Who takes part is the federation's; named here too for the engine's callers.
 from fedmask_jax.federation import ALL_STEPS, sample_cohort
 

@@ -30,6 +30,9 @@ class EngineConfig:
     cpu_ynn_fusions: bool = False  # keep XLA:CPU's YNNPACK fusions (see compiler_options)
     collect: int = 0  # cohort positions whose messages the round hands back
     per_client: tuple[str, ...] = ()  # client metrics the round hands back position by position
+    # The round writes each client's contribution into a slot (``Contributions``) and leaves
+    # the server as it was; ``RoundFn.aggregate`` applies them (buffered aggregation).
+    store_contributions: bool = False
     runs_vectorized: int = 0  # of a program's runs, how many are vmapped together (0 = all)
 
 

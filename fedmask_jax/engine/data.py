@@ -51,3 +51,12 @@ def init_store(alg: FederatedAlgorithm, num_clients: int) -> PyTree:
     """Every client's persistent state, stacked on a leading client axis."""
     one = alg.persistent_init()
     return jax.tree.map(lambda p: jnp.broadcast_to(p, (num_clients, *p.shape)).copy(), one)
+
+
+def init_contributions(alg: FederatedAlgorithm, server: PyTree, slots: int) -> PyTree:
+    """Zeros for ``slots`` clients' contributions (``Contributions.values``), their shapes
+    read off ``client_finish`` without computing it."""
+    def one():
+        state = alg.client_init(server, alg.persistent_init())
+        return alg.client_finish(server, state, alg.persistent_init(), jnp.int32(1), jax.random.key(0)).contribution
+    return jax.tree.map(lambda s: jnp.zeros((slots, *s.shape), s.dtype), jax.eval_shape(one))

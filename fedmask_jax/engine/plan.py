@@ -102,12 +102,13 @@ def message_bytes(alg: FederatedAlgorithm) -> int:
 
 
 def memory_needed(alg: FederatedAlgorithm, cfg: EngineConfig, *, num_clients: int, index_width: int,
-                  runs: int = 1, runs_per_device: int | None = None) -> dict[str, int]:
+                  runs: int = 1, runs_per_device: int | None = None, slots: int = 0) -> dict[str, int]:
     """What a run's arrays take on its device, in bytes, from shapes alone (nothing is
     allocated), by what sets their size: the client index (every client's row padded to the
     widest client), every client's persistent state, a vmapped chunk's working set (as
     ``auto_chunk_size`` counts it) and the messages collected per round. ``runs`` runs in one
-    program, ``runs_per_device`` of them on each device (default: all)."""
+    program, ``runs_per_device`` of them on each device (default: all); ``slots``: buffered
+    aggregation's stored contributions (one parameter-sized contribution each)."""
     per_device = runs if runs_per_device is None else runs_per_device
     vectorized = min(cfg.runs_vectorized or per_device, per_device)
     return {
@@ -115,6 +116,7 @@ def memory_needed(alg: FederatedAlgorithm, cfg: EngineConfig, *, num_clients: in
         "persistent client states": per_device * num_clients * _tree_bytes(jax.eval_shape(alg.persistent_init)),
         "client chunk": vectorized * cfg.client_chunk_size * 8 * 4 * alg.num_params,
         "collected messages": per_device * cfg.collect * message_bytes(alg),
+        "buffered contributions": per_device * slots * 4 * alg.num_params,
     }
 
 

@@ -67,6 +67,18 @@ class RoundOutput(NamedTuple):
     # [cohort positions] each: the metrics named in EngineConfig.per_client, client by client
     # (0 where a position does not report); None when it names none.
     per_client: dict[str, jax.Array] | None = None
+    # A round that stores its clients' contributions (``Contributions``) instead of updating
+    # the server: the store it was given, with theirs written in; None otherwise.
+    contributions: "Contributions | None" = None
+
+
+class Contributions(NamedTuple):
+    """Clients' contributions kept between rounds (buffered aggregation's slots): a round that
+    is given them trains its cohort, writes each reporting position's contribution at its slot
+    and leaves the server as it was; ``aggregate`` applies a weighted sum of them later."""
+
+    values: PyTree  # [slots, ...] each leaf: a contribution's leaf
+    slots: jax.Array  # [cohort positions] int32: each position's slot (>= slots: none)
 
 
 def _where_tree(pred, new, old):
@@ -126,6 +138,7 @@ class _Stages:
             raise ValueError(f"client_grad='summed' needs {alg.name}'s step as client_params, "
                              "client_loss and client_apply")
         self.alg, self.cfg, self.axis, self.devices = alg, cfg, axis, devices
+        self.stores = cfg.store_contributions
         self.chunk, self.b = cfg.client_chunk_size, cfg.batch_size
         self.summed = cfg.client_grad == "summed" and self.chunk > 1
 
@@ -208,12 +221,16 @@ class _Stages:
         return _over_clients(one, self.chunk)(ids, cs.states, cs.persistent, cs.finish_keys,
                                               cs.loss_sum, cs.active_steps)
 
-    def empty_accumulator(self, server, store, data: ClientData, ids, keys, budget, positions) -> Accumulator:
-        """``positions``: this device's cohort positions (its size fixes the per-client buffers')."""
+    def empty_accumulator(self, server, store, data: ClientData, ids, keys, budget, positions,
+                          kept=None) -> Accumulator:
+        """``positions``: this device's cohort positions (its size fixes the per-client buffers');
+        ``kept``: the stored contributions a storing round writes into (``Contributions.values``)."""
         shapes = jax.eval_shape(
             lambda: self.finish(server, self.begin_chunk(server, store, ids, keys, budget), data, ids))
         zeros = lambda s: jnp.zeros(s.shape[1:], s.dtype)  # noqa: E731
         sums = jax.tree.map(zeros, (shapes.contribution, shapes.metrics))
+        if self.stores:
+            sums = (kept, sums[1])
         collected = None
         if self.cfg.collect:
             payload = jax.eval_shape(jax.vmap(self.alg.uplink_payload), shapes.contribution)
@@ -227,14 +244,21 @@ class _Stages:
                           for k in self.cfg.per_client if k in shapes.metrics} or None
         return Accumulator(sums, store, collected, per_client)
 
-    def end_chunk(self, server, cs: ChunkState, data: ClientData, ids, valid, slots, positions,
+    def end_chunk(self, server, cs: ChunkState, data: ClientData, ids, valid, slots, positions, dests,
                   acc: Accumulator) -> Accumulator:
-        """Adds the chunk's contributions and metrics (weighted by ``valid``), stores its
-        persistent states, keeps the messages of its collected positions and writes the
-        per-client metrics at its ``positions`` (this device's)."""
+        """Adds the chunk's contributions and metrics (weighted by ``valid``) -- or, in a
+        storing round, writes each reporting client's contribution at its slot (``dests``) --,
+        stores its persistent states, keeps the messages of its collected positions and writes
+        the per-client metrics at its ``positions`` (this device's)."""
         result = self.finish(server, cs, data, ids)
         weighted_sum = lambda a, x: a + jnp.tensordot(valid, x, axes=1)  # noqa: E731
-        sums = jax.tree.map(weighted_sum, acc.sums, (result.contribution, result.metrics))
+        if self.stores:
+            kept = acc.sums[0]
+            to = jnp.where(valid > 0, dests, jax.tree.leaves(kept)[0].shape[0])  # others write nowhere
+            kept = jax.tree.map(lambda k, x: k.at[to].set(x, mode="drop"), kept, result.contribution)
+            sums = (kept, jax.tree.map(weighted_sum, acc.sums[1], result.metrics))
+        else:
+            sums = jax.tree.map(weighted_sum, acc.sums, (result.contribution, result.metrics))
         # Padding clients write nowhere: their id is pushed out of bounds and dropped.
         write_ids = jnp.where(valid > 0, ids, data.index.shape[0])
         store = jax.tree.map(lambda s, p: s.at[write_ids].set(p, mode="drop"), acc.store, result.persistent)
@@ -254,24 +278,48 @@ class _Stages:
                           for k, v in per_client.items()}
         return Accumulator(sums, store, collected, per_client)
 
-    def end_round(self, server, acc: Accumulator, valid, store_before=None):
-        """Combines the sums (over devices when sharded) and applies ``server_update``.
-        ``store_before``: the store as the round found it (sharded rounds only)."""
+    def end_round(self, server, acc: Accumulator, valid, store_before=None, kept_before=None):
+        """Combines the sums (over devices when sharded) and applies ``server_update`` -- or,
+        in a storing round, hands back the stored contributions with the server as it was.
+        ``store_before``/``kept_before``: the store and the stored contributions as the round
+        found them (sharded rounds only)."""
         (contribution, metrics), store, collected, per_client = acc
         k = jnp.sum(valid)
+        changed = lambda old, new: old + jax.lax.psum(new - old, self.axis)  # noqa: E731
         if self.axis is not None:  # each device summed its share of the cohort
-            contribution, metrics, k = jax.lax.psum((contribution, metrics, k), self.axis)
+            metrics, k = jax.lax.psum((metrics, k), self.axis)
+            if self.stores:  # each slot was written on one device at most
+                contribution = jax.tree.map(changed, kept_before, contribution)
+            else:
+                contribution = jax.lax.psum(contribution, self.axis)
             # Persistent states changed only where their client trained: sum the changes.
-            store = jax.tree.map(lambda old, new: old + jax.lax.psum(new - old, self.axis),
-                                 store_before, store)
+            store = jax.tree.map(changed, store_before, store)
             if collected is not None:  # every slot was written on exactly one device
                 collected = jax.lax.psum(collected, self.axis)
             if per_client is not None:  # as was every position
                 per_client = jax.lax.psum(per_client, self.axis)
+        means = {name: v / jnp.maximum(k, 1.0) for name, v in metrics.items()}
+        if self.stores:
+            return RoundOutput(server, store, dict(means, reported_clients=k), collected, per_client, contribution)
         # No client reported (all dropped or unavailable): the server keeps its state.
         server = _where_tree(k > 0, self.alg.server_update(server, contribution, k), server)
-        means = {name: v / jnp.maximum(k, 1.0) for name, v in metrics.items()}
         return RoundOutput(server, store, dict(means, reported_clients=k), collected, per_client)
+
+    def aggregate(self, server, kept, weights):
+        """``server_update`` with the ``weights``-weighted sum of the stored contributions,
+        summed chunk by chunk in slot order as a round sums its cohort (so that weights of 1
+        on a cohort's slots give that round's server bit for bit)."""
+        chunk = self.chunk
+        zero = jax.tree.map(lambda v: jnp.zeros(v.shape[1:], v.dtype), kept)
+
+        def body(c, total):
+            w = jax.lax.dynamic_slice_in_dim(weights, c * chunk, chunk)
+            return jax.tree.map(lambda a, v: a + jnp.tensordot(w, jax.lax.dynamic_slice_in_dim(v, c * chunk, chunk),
+                                                               axes=1), total, kept)
+
+        total = jax.lax.fori_loop(0, weights.shape[0] // chunk, body, zero)
+        k = jnp.sum(weights)
+        return _where_tree(k > 0, self.alg.server_update(server, total, k), server)
 
 
 class Loop:
@@ -283,8 +331,10 @@ class Loop:
     def steps(self, stages: _Stages, data: ClientData, ids) -> int: ...
 
 
-def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, cohort: Cohort, key):
-    """The round, once: chunks of clients, their epochs and steps, then the server update."""
+def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, cohort: Cohort, key,
+                   kept: Contributions | None = None):
+    """The round, once: chunks of clients, their epochs and steps, then the server update (a
+    storing round: the contributions written into ``kept``'s slots instead)."""
     chex.assert_equal_shape([cohort.ids, cohort.valid, cohort.collect, cohort.steps])
     chex.assert_rank(cohort.ids, 1)
     check_client_data(data)
@@ -293,12 +343,16 @@ def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, coh
                          f"the client chunk ({st.chunk})")
     keys = loop.call(st.client_keys, key, cohort.ids)
     positions = np.arange(cohort.ids.shape[0], dtype=np.int32)  # this device's share of the cohort
+    if st.stores != (kept is not None):
+        raise ValueError("a round stores contributions exactly when EngineConfig.store_contributions is set")
+    dests = kept.slots if kept is not None else positions
     first = loop.take((cohort.ids, keys, cohort.steps), 0, st.chunk)
-    acc = loop.call(st.empty_accumulator, server, store, data, *first, positions)
+    acc = loop.call(st.empty_accumulator, server, store, data, *first, positions,
+                    kept.values if kept is not None else None)
 
     def chunk_body(c, acc):
-        ids, valid, ks, slots, budget, places = loop.take(
-            (cohort.ids, cohort.valid, keys, cohort.collect, cohort.steps, positions), c, st.chunk)
+        ids, valid, ks, slots, budget, places, to = loop.take(
+            (cohort.ids, cohort.valid, keys, cohort.collect, cohort.steps, positions, dests), c, st.chunk)
         cs = loop.call(st.begin_chunk, server, acc.store, ids, ks, budget)
         steps = loop.steps(st, data, ids)
 
@@ -307,10 +361,11 @@ def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, coh
             return loop.fori(steps, lambda s, cs: loop.call(st.step, server, cs, data, ids, orders, e, s), cs)
 
         cs = loop.fori(st.cfg.local_epochs, epoch_body, cs)
-        return loop.call(st.end_chunk, server, cs, data, ids, valid, slots, places, acc)
+        return loop.call(st.end_chunk, server, cs, data, ids, valid, slots, places, to, acc)
 
     acc = loop.fori(cohort.ids.shape[0] // st.chunk, chunk_body, acc)
-    return loop.call(st.end_round, server, acc, cohort.valid, store if st.axis else None)
+    return loop.call(st.end_round, server, acc, cohort.valid, store if st.axis else None,
+                     kept.values if st.axis and kept is not None else None)
 
 
 class _InProgram(Loop):
@@ -398,28 +453,39 @@ class RoundFn:
         self.client_devices = mesh.shape[CLIENTS_AXIS] if sharded else 1  # a cohort's devices
         stages = _Stages(alg, cfg, CLIENTS_AXIS if self.client_devices > 1 else None, self.client_devices)
         jit = functools.partial(jax.jit, compiler_options=compiler_options(cfg))
+        stores = cfg.store_contributions
         if strategy == "scan":
             program = functools.partial(_round_program, _InProgram(), stages)
             if runs > 1:
-                program = _over_runs(program, runs, cfg.runs_vectorized)
+                program = _over_runs(program, runs, cfg.runs_vectorized, stores)
             if sharded:
                 batch = (RUNS_AXIS,) if runs > 1 else ()
                 per_run, rep = PartitionSpec(*batch), PartitionSpec()
                 split = PartitionSpec(*batch, CLIENTS_AXIS)
                 data_spec = ClientData(rep, rep, per_run, per_run)
+                kept_spec = (Contributions(per_run, split),) if stores else ()
                 # check_vma=False: the mask's custom VJP returns theta * g, a cotangent that
                 # varies over devices for a theta that does not, which the type check rejects.
                 program = jax.shard_map(program, mesh=mesh,
-                                        in_specs=(per_run, per_run, data_spec, Cohort(split, split, split, split), per_run),
+                                        in_specs=(per_run, per_run, data_spec, Cohort(split, split, split, split),
+                                                  per_run, *kept_spec),
                                         out_specs=per_run, check_vma=False)
-            self._program = jit(program, donate_argnums=(0, 1))
+            if stores:  # the slots' contributions are written in place; their positions are read
+                storing = program
+                program = lambda server, store, data, cohort, key, values, slots: storing(  # noqa: E731
+                    server, store, data, cohort, key, Contributions(values, slots))
+            self._program = jit(program, donate_argnums=(0, 1, 5) if stores else (0, 1))
         else:
-            donate = {stages.step: (1,), stages.end_chunk: (7,)}
+            donate = {stages.step: (1,), stages.end_chunk: (8,)}
             self._stages = {fn: jit(fn, donate_argnums=donate.get(fn, ()))
                             for fn in (stages.client_keys, stages.empty_accumulator, stages.begin_chunk,
                                        stages.epoch_orders, stages.step, stages.end_chunk, stages.end_round)}
             self._program = stages
         self._compiled = None
+        aggregate = stages.aggregate
+        if runs > 1:
+            aggregate = jax.vmap(aggregate)
+        self._aggregate, self._aggregate_compiled = jit(aggregate, donate_argnums=(0,)), None
 
     @property
     def compiled(self):
@@ -427,37 +493,50 @@ class RoundFn:
         its HLO text, its cost); None before, and for the host loop's many small programs."""
         return self._compiled if self.strategy == "scan" else None
 
-    def compile(self, server, store, data, cohort: Cohort, key) -> float:
+    def compile(self, server, store, data, cohort: Cohort, key, kept: Contributions | None = None) -> float:
         t0 = time.perf_counter()
+        extra = (kept,) if kept is not None else ()
         if self.strategy == "scan":
-            self._compiled = self._program.lower(server, store, data, cohort, key).compile()
+            self._compiled = self._program.lower(server, store, data, cohort, key, *(kept or ())).compile()
         else:
             abstract = jax.tree.map(
                 lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                (server, store, data, cohort, key))
+                (server, store, data, cohort, key, *extra))
             _round_program(_Compiling(self._stages, np.zeros(0)), self._program, *abstract)
+        if kept is not None:
+            slots = jax.tree.leaves(kept.values)[0].shape[:2 if self.runs > 1 else 1]
+            self._aggregate_compiled = self._aggregate.lower(
+                server, kept.values, jax.ShapeDtypeStruct(slots, jnp.float32)).compile()
         return time.perf_counter() - t0
 
-    def __call__(self, server, store, data, cohort: Cohort, key) -> RoundOutput:
+    def __call__(self, server, store, data, cohort: Cohort, key, kept: Contributions | None = None) -> RoundOutput:
+        """A round over ``cohort``; with ``kept`` (a storing round: ``EngineConfig.store_contributions``)
+        its contributions go into their slots and the server is handed back as it was."""
         if self.strategy == "scan":
-            return (self._compiled or self._program)(server, store, data, cohort, key)
+            return (self._compiled or self._program)(server, store, data, cohort, key, *(kept or ()))
+        extra = (kept,) if kept is not None else ()
         loop = _HostDriven(self._stages, np.asarray(data.sizes))
         ids = np.asarray(cohort.ids)  # host copy: the chunk's step count is read from it
-        return _round_program(loop, self._program, server, store, data, cohort._replace(ids=ids), key)
+        return _round_program(loop, self._program, server, store, data, cohort._replace(ids=ids), key, *extra)
+
+    def aggregate(self, server, values, weights) -> PyTree:
+        """The server updated with the ``weights``-weighted sum of stored contributions
+        (``[slots]`` weights, a multiple of the client chunk; leading runs axis with ``runs > 1``)."""
+        return (self._aggregate_compiled or self._aggregate)(server, values, weights)
 
 
-def _over_runs(program, runs: int, vectorized: int):
+def _over_runs(program, runs: int, vectorized: int, stores: bool = False):
     """``program`` over a leading runs axis: vmapped, or ``vectorized`` runs vmapped at a time
     and those groups one after another (``lax.map``), so that a group's working set is the
-    one a single run keeps in cache."""
+    one a single run keeps in cache. ``stores``: it takes the runs' stored contributions too."""
     if not vectorized or vectorized >= runs:
-        return jax.vmap(program, in_axes=(0, 0, ClientData(None, None, 0, 0), 0, 0))
+        return jax.vmap(program, in_axes=(0, 0, ClientData(None, None, 0, 0), 0, 0, *((0,) if stores else ())))
 
-    def one_after_another(server, store, data, cohort, key):
+    def one_after_another(server, store, data, cohort, key, *kept):
         def one(xs):
-            server, store, index, sizes, cohort, key = xs
-            return program(server, store, data._replace(index=index, sizes=sizes), cohort, key)
-        return jax.lax.map(one, (server, store, data.index, data.sizes, cohort, key),
+            server, store, index, sizes, cohort, key, *kept = xs
+            return program(server, store, data._replace(index=index, sizes=sizes), cohort, key, *kept)
+        return jax.lax.map(one, (server, store, data.index, data.sizes, cohort, key, *kept),
                            batch_size=vectorized if vectorized > 1 else None)
     return one_after_another
 
