@@ -482,10 +482,10 @@ class RoundFn:
                                        stages.epoch_orders, stages.step, stages.end_chunk, stages.end_round)}
             self._program = stages
         self._compiled = None
-        aggregate = stages.aggregate
-        if runs > 1:
-            aggregate = jax.vmap(aggregate)
-        self._aggregate, self._aggregate_compiled = jit(aggregate, donate_argnums=(0,)), None
+        self._aggregate = self._aggregate_compiled = None
+        if stores:
+            aggregate = jax.vmap(stages.aggregate) if runs > 1 else stages.aggregate
+            self._aggregate = jit(aggregate, donate_argnums=(0,))
 
     @property
     def compiled(self):
