@@ -127,7 +127,7 @@ class RunConfig:
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"--clients_per_round must be between 1 and --num_clients={self.num_clients}, "
                              f"got {self.clients_per_round}")
-        federation.network(self)  # raises on a bad bandwidth or latency, before any data is read
+        federation.network(self, check_only=True)  # a bad bandwidth or latency fails before any data is read
         self._check_aggregation()
         self.method_config  # raises on a setting the method lacks or a bad value
 

@@ -167,3 +167,18 @@ def test_a_concurrency_above_what_availability_leaves_and_dp_fail_before_compute
                              method={"dp_clip": 1.0, "dp_noise_multiplier": 1.0})
     with pytest.raises(ValueError, match="DP-FedAvg .* needs --aggregation=sync"):
         experiment.build(dp)
+
+
+@pytest.mark.slow
+def test_a_buffered_run_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    """The slots' contributions and schedule are in the checkpoint: stopped after round 2
+    and resumed, the run's records are the uninterrupted run's."""
+    cfg = dataclasses.replace(BASE, num_clients=10, clients_per_round=3, rounds=4, aggregation="buffered",
+                              concurrency=7, buffer_size=3, local_work="lognormal:0,0.7", uplink_mbps="0.05",
+                              staleness="poly:1", checkpoint_every=1)
+    straight = _records(run(dataclasses.replace(cfg, workdir=str(tmp_path / "s")))["workdir"])
+    run(dataclasses.replace(cfg, rounds=2, workdir=str(tmp_path / "r")))
+    resumed = _records(run(dataclasses.replace(cfg, workdir=str(tmp_path / "r"), resume=True))["workdir"])
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    assert max(r["staleness_max"] for r in straight) > 0  # the slots really carried over
+    assert resumed == straight
