@@ -118,10 +118,12 @@ def plot_comparison(runs: Sequence[tuple[str, str]], out_dir: str,
     paths = []
     for name, xkey, xlabel, xscale, scale, title in figures:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, recs, coded in loaded:
+        # Past matplotlib's 10 default colours a comparison's lines would share them.
+        colours = plt.cm.tab20.colors if len(loaded) > 10 else [None] * len(loaded)
+        for (label, recs, coded), colour in zip(loaded, colours):
             xs = [x[xkey] / scale for x in recs]
             line, = ax.plot(xs, [x["test_accuracy"] for x in recs],
-                            marker="." if len(recs) < 60 else None, label=label)
+                            marker="." if len(recs) < 60 else None, label=label, color=colour)
             if xkey == "cumulative_uplink_bits" and coded is not None and coded.bits in recs[0]:
                 ax.plot([x[coded.bits] / 1e6 for x in recs],
                         [x["test_accuracy"] for x in recs], ls="--", color=line.get_color(),
