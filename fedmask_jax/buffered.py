@@ -13,10 +13,14 @@ run is one server update:
 2. the ``--buffer_size`` M slots that finish first (ties broken by client id) are aggregated,
    each weighted by ``--staleness`` s(tau), tau the server versions that passed since its
    download (``constant``: 1; ``poly:A``: 1 / (1 + tau)^A); the clock moves to the last of
-   their finish times.
+   their finish times. The dense methods' server step takes sum_i s(tau_i) Delta_i / M
+   (FedBuff's), FedPM's Beta server the weighted counts sum_i s(tau_i) m_i out of
+   sum_i s(tau_i) (docs/design.md).
 
-Before the first round the other C - M slots are filled at time 0 with version 0, M clients at
-a time. Where FedBuff refills a slot the moment it frees, here a slot that frees before the
+A round refills at most M slots as its own cohort; any other free slots (all but M before
+the first round, or slots a round could not refill because too few clients were free) are
+filled in the same round first, M clients at a time, at the same time and from the same
+server. Where FedBuff refills a slot the moment it frees, here a slot that frees before the
 M-th finisher waits for it (the refills of one update start together, at its time, from the
 updated server); with M = 1 the two are the same. With C = M = K and clients that all take
 the same time, every round is exactly the synchronous round (tested bit for bit).
@@ -69,6 +73,7 @@ class Schedule(NamedTuple):
     finish: np.ndarray  # [C] float64, simulated seconds
     free: np.ndarray  # [C] bool: to be refilled this round
     clock: np.ndarray  # [] float64
+    updates: np.ndarray  # [] int64: the server's version (updates applied so far)
 
 
 def empty_schedule(slots: int, padded: int) -> Schedule:
@@ -77,7 +82,7 @@ def empty_schedule(slots: int, padded: int) -> Schedule:
     free = np.zeros(padded, bool)
     free[:slots] = True
     return Schedule(np.full(padded, -1, np.int64), np.zeros(padded, np.int64), np.zeros(padded, np.float64),
-                    free, np.zeros((), np.float64))
+                    free, np.zeros((), np.float64), np.zeros((), np.int64))
 
 
 class Refill(NamedTuple):
@@ -95,11 +100,12 @@ def in_flight(s: Schedule) -> np.ndarray:
     return s.ids[(s.ids >= 0) & ~s.free]
 
 
-def dispatched(s: Schedule, slots: np.ndarray, clients: np.ndarray, version: int, seconds: np.ndarray) -> Schedule:
-    """``clients`` start in ``slots`` at the clock's time from ``version`` and take ``seconds``."""
+def dispatched(s: Schedule, slots: np.ndarray, clients: np.ndarray, seconds: np.ndarray) -> Schedule:
+    """``clients`` start in ``slots`` at the clock's time from the current server version and
+    take ``seconds``."""
     ids, ver, fin, free = s.ids.copy(), s.version.copy(), s.finish.copy(), s.free.copy()
-    ids[slots], ver[slots], fin[slots], free[slots] = clients, version, s.clock + seconds, False
-    return Schedule(ids, ver, fin, free, s.clock)
+    ids[slots], ver[slots], fin[slots], free[slots] = clients, s.updates, s.clock + seconds, False
+    return s._replace(ids=ids, version=ver, finish=fin, free=free)
 
 
 class Update(NamedTuple):
@@ -112,16 +118,18 @@ class Update(NamedTuple):
     time: float
 
 
-def next_update(s: Schedule, buffer_size: int, version: int, staleness: str) -> tuple[Update, Schedule]:
+def next_update(s: Schedule, buffer_size: int, staleness: str) -> tuple[Update, Schedule]:
     """The ``buffer_size`` in-flight slots that finish first (ties: lower client id first)
-    make server version ``version + 1``; they are freed."""
+    make the next server version; they are freed. With none in flight the server keeps its
+    version."""
     busy = np.flatnonzero((s.ids >= 0) & ~s.free)
     order = busy[np.lexsort((s.ids[busy], s.finish[busy]))]
     taken = np.sort(order[:buffer_size])
-    tau = version - s.version[taken]
+    tau = int(s.updates) - s.version[taken]
     weights = np.zeros(len(s.ids), np.float32)
     weights[taken] = staleness_weights(staleness, tau)
     time = float(s.finish[taken].max()) if len(taken) else float(s.clock)
     free = s.free.copy()
     free[taken] = True
-    return Update(taken, weights, tau, time), s._replace(free=free, clock=np.asarray(time, np.float64))
+    return Update(taken, weights, tau, time), s._replace(free=free, clock=np.asarray(time, np.float64),
+                                                         updates=np.asarray(int(s.updates) + bool(len(taken))))

@@ -186,24 +186,26 @@ class Experiment:
         split = (engine.CLIENTS_AXIS,) if self.round_fn.client_devices > 1 else ()
         return engine.Contributions(buffer.values, self._place(self.axis.stack(slots, xp=np), self.axis.spec(*split)))
 
-    def _refills(self, round_index: int, buffer: "Buffer", slots_of=None, stream: int | None = None, planned=None):
-        """Each run's refills: as many of its free slots as a round trains (``slots_of``: which
-        ones, given the free ones), with clients sampled among those not in flight (nor in
-        the round's ``planned`` refills)."""
+    def _refills(self, round_index: int, buffer: "Buffer", planned=None, extra: int | None = None):
+        """Each run's refills of round ``round_index``: its own (the last M free slots) or,
+        given the round's ``planned`` ones, its ``extra``-th batch of up to M more free slots;
+        clients sampled among those neither in flight nor planned."""
         m = self.runs[0].cfg.buffered_clients
         plans = []
         for i, run in enumerate(self.runs):
             s = self.axis.part(buffer.schedule, i)
             free = np.flatnonzero(s.free)
-            slots = free[-m:] if slots_of is None else slots_of(free)
             busy = buffered_lib.in_flight(s)
-            if planned is not None:
+            if planned is None:
+                slots = free[-m:]
+            else:
+                slots = np.setdiff1d(free, planned[i].slots)[:m]
                 busy = np.concatenate([busy, planned[i].clients])
-            clients = run.federation.refill(round_index, len(slots), busy, stream)
+            clients = run.federation.refill(round_index, len(slots), busy, extra)
             plans.append(buffered_lib.Refill(clients, None, None, {}, slots[:len(clients)]))
         return self._cohort(plans, round_index, m), plans
 
-    def _store(self, server, store, buffer: "Buffer", cohort, plans, key, version: int):
+    def _store(self, server, store, buffer: "Buffer", cohort, plans, key):
         """One storing round: the refills train from ``server``, their contributions go into
         their slots and the schedule says when each finishes."""
         width = int(np.shape(cohort.ids)[-1])
@@ -216,36 +218,38 @@ class Experiment:
             k = len(plan.clients)
             seconds = run.federation.seconds(plan.clients, bits[:k], n * metrics[i].get("downlink_bpp", 0.0))
             schedules.append(buffered_lib.dispatched(self.axis.part(buffer.schedule, i), plan.slots, plan.clients,
-                                                     version, seconds))
+                                                     seconds))
         return out, Buffer(out.contributions, self.axis.stack(schedules, xp=np))
 
     def _buffered_round(self, server, store, cohort, round_index: int, buffer: "Buffer", plans):
-        """Round ``round_index`` of buffered aggregation (``fedmask_jax.buffered``): the first
-        round fills the slots beyond its own refills at time 0; the refills train and the
-        first ``--buffer_size`` finishers update the server."""
-        cfg = self.runs[0].cfg
-        m = cfg.buffered_clients
-        if round_index == 0:
-            for j in range(-(-(cfg.slots - m) // m)):
-                fill_cohort, fill_plans = self._refills(
-                    j, buffer, slots_of=lambda free: free[:max(0, len(free) - m)][:m], stream=keys.BUFFER_FILL,
-                    planned=plans)
-                filled, buffer = self._store(server, store, buffer, fill_cohort, fill_plans,
-                                             self.axis.stack([keys.fill_key(r.cfg.seed, j) for r in self.runs]), 0)
-                server, store = filled.server, filled.store  # handed back as they were (donated)
-        out, buffer = self._store(server, store, buffer, cohort, plans, self.round_key(round_index), round_index)
-        weights, schedules, fields = [], [], []
-        for i in range(len(self.runs)):
-            s = self.axis.part(buffer.schedule, i)
-            update, s = buffered_lib.next_update(s, m, round_index, cfg.staleness)
+        """Round ``round_index`` of buffered aggregation (``fedmask_jax.buffered``): free slots
+        beyond the round's own refills (all but M before the first round) are filled first,
+        then the refills train, and the first ``--buffer_size`` finishers update the server."""
+        m = self.runs[0].cfg.buffered_clients
+        for j in range(len(buffer.schedule.ids.reshape(-1))):  # at most one batch a slot
+            extra_cohort, extra_plans = self._refills(round_index, buffer, planned=plans, extra=j)
+            if not any(len(p.clients) for p in extra_plans):
+                break
+            key = self.axis.stack([keys.refill_key(r.cfg.seed, round_index, j) for r in self.runs])
+            filled, buffer = self._store(server, store, buffer, extra_cohort, extra_plans, key)
+            server, store = filled.server, filled.store  # handed back as they were (donated)
+        out, buffer = self._store(server, store, buffer, cohort, plans, self.round_key(round_index))
+        weights, counts, schedules, fields = [], [], [], []
+        for i, run in enumerate(self.runs):
+            before = self.axis.part(buffer.schedule, i)
+            update, s = buffered_lib.next_update(before, m, run.cfg.staleness)
             weights.append(update.weights)
+            # FedPM's Beta server counts each mask as s(tau) of one; a dense method's step is
+            # FedBuff's sum of s(tau)-weighted updates over the buffer's M.
+            counts.append(np.float32(update.weights.sum() if self.spec.masked else len(update.slots)))
             schedules.append(s)
-            fields.append({"sim_round_s": update.time - float(self.axis.part(buffer.schedule, i).clock),
+            fields.append({"sim_round_s": update.time - float(before.clock),
                            "buffered_clients": len(update.slots),
                            "staleness_mean": float(update.staleness.mean()) if len(update.slots) else 0.0,
                            "staleness_max": int(update.staleness.max()) if len(update.slots) else 0})
         weights = self._place(self.axis.stack(weights, xp=np), self.axis.spec())
-        server = self.round_fn.aggregate(out.server, out.contributions, weights)
+        counts = self._place(self.axis.stack(counts, xp=np), self.axis.spec())
+        server = self.round_fn.aggregate(out.server, out.contributions, weights, counts)
         metrics = dict(out.metrics, **{k: self.axis.stack([np.asarray(f[k]) for f in fields], xp=np) for k in fields[0]})
         return out._replace(server=server, metrics=metrics,
                             contributions=Buffer(out.contributions, self.axis.stack(schedules, xp=np)))

@@ -39,7 +39,10 @@ STRAGGLER_POLICIES = ("drop", "partial")
 ALL_STEPS = 2**30  # a step budget no client reaches: its full local work
 # Stream ids of the federation's random draws (beside the cohort's [seed, round]).
 _SPEEDS, _AVAILABLE, _PHASES = 0x5EED, 2, 0xD1A
-_UPLINK, _DOWNLINK, _LATENCY = 0x0B17, 0xD0B17, 0x1A7
+# The network's draws are keyed by (seed, 0, which, _NETWORK) and buffered aggregation's extra
+# refills by (seed, round, index, _REFILL): four numbers, so that they cannot meet the
+# (seed, round) and (seed, round, k) streams of the cohorts.
+_UPLINK, _DOWNLINK, _LATENCY, _NETWORK, _REFILL = 1, 2, 3, 0x4E7, 0x8EF
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
@@ -160,12 +163,11 @@ def network(cfg, check_only: bool = False) -> Network:
     specs = (cfg.uplink_mbps, cfg.downlink_mbps, cfg.latency_s)
     if check_only and not any(spec.startswith("csv:") for spec in specs):
         n = min(n, 1000)
-    mbps = lambda spec, flag, stream: 1e6 * client_values(  # noqa: E731
-        spec, n, np.random.default_rng([seed, stream]), flag, {"inf": math.inf})
+    rng = lambda which: np.random.default_rng([seed, 0, which, _NETWORK])  # noqa: E731
+    mbps = lambda spec, flag, which: 1e6 * client_values(spec, n, rng(which), flag, {"inf": math.inf})  # noqa: E731
     return Network(mbps(cfg.uplink_mbps, "--uplink_mbps", _UPLINK),
                    mbps(cfg.downlink_mbps, "--downlink_mbps", _DOWNLINK),
-                   client_values(cfg.latency_s, n, np.random.default_rng([seed, _LATENCY]), "--latency_s",
-                                 {}, zero=True))
+                   client_values(cfg.latency_s, n, rng(_LATENCY), "--latency_s", {}, zero=True))
 
 
 def client_seconds(compute_s, downlink_bits, uplink_bits, downlink_bps, uplink_bps, latency_s):
@@ -283,11 +285,12 @@ class Federation:
                                net.downlink_bps[clients], net.uplink_bps[clients], net.latency_s[clients])
         return float(times.max())
 
-    def refill(self, round_index: int, count: int, busy: np.ndarray, stream: int | None = None) -> np.ndarray:
+    def refill(self, round_index: int, count: int, busy: np.ndarray, extra: int | None = None) -> np.ndarray:
         """``count`` clients (fewer if fewer are free) sampled uniformly without replacement
         among those available in round ``round_index`` and not ``busy``, keyed by
-        (seed, round) as a synchronous cohort is (``stream``: by (seed, stream, round)
-        instead); sorted. With none busy and every client available, it is that cohort."""
+        (seed, round) as a synchronous cohort is (``extra``: a round's extra refill, keyed by
+        (seed, round, extra, _REFILL)); sorted. With none busy and every client available,
+        it is that cohort."""
         n = self.num_clients
         free = np.ones(n, bool)
         if self.available is not None:
@@ -295,7 +298,8 @@ class Federation:
             free = draw < self.available(round_index)
         free[np.asarray(busy, np.int64)] = False
         pool = np.flatnonzero(free).astype(np.int32)
-        rng = np.random.default_rng([self.seed, round_index] if stream is None else [self.seed, stream, round_index])
+        rng = np.random.default_rng([self.seed, round_index] if extra is None
+                                    else [self.seed, round_index, extra, _REFILL])
         return np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False)).astype(np.int32)
 
     def seconds(self, clients: np.ndarray, uplink_bits: np.ndarray, downlink_bits: float) -> np.ndarray:

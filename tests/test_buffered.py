@@ -30,26 +30,33 @@ def test_staleness_weights_are_the_formula():
             buffered.check_staleness(bad)
 
 
-def _schedule(ids, finish, version):
+def _schedule(ids, finish, version, updates):
     n = len(ids)
     return buffered.Schedule(np.array(ids), np.array(version), np.array(finish, np.float64),
-                             np.zeros(n, bool), np.asarray(0.0))
+                             np.zeros(n, bool), np.asarray(0.0), np.asarray(updates))
 
 
 def test_an_update_takes_the_first_finishers_and_breaks_ties_by_client_id():
-    s = _schedule(ids=[7, 4, 9, 2, 1], finish=[3.0, 1.0, 2.0, 1.0, 5.0], version=[0, 1, 2, 2, 0])
-    update, after = buffered.next_update(s, 2, 3, "poly:1")
+    s = _schedule(ids=[7, 4, 9, 2, 1], finish=[3.0, 1.0, 2.0, 1.0, 5.0], version=[0, 1, 2, 2, 0], updates=3)
+    update, after = buffered.next_update(s, 2, "poly:1")
     # clients 2 and 4 both finish at 1.0; 2 goes first, and both are taken (slots 3 and 1)
     assert update.slots.tolist() == [1, 3] and update.time == 1.0
     assert update.staleness.tolist() == [2, 1]  # version 3 minus theirs, in slot order
     np.testing.assert_allclose(update.weights, [0, 1 / 3, 0, 1 / 2, 0])
     assert after.free.tolist() == [False, True, False, True, False] and float(after.clock) == 1.0
+    assert int(after.updates) == 4
     # a tie at the cut: of three clients finishing together, the two lowest ids
-    tie = _schedule(ids=[5, 3, 4], finish=[1.0, 1.0, 1.0], version=[0, 0, 0])
-    assert buffered.next_update(tie, 2, 0, "constant")[0].slots.tolist() == [1, 2]
+    tie = _schedule(ids=[5, 3, 4], finish=[1.0, 1.0, 1.0], version=[0, 0, 0], updates=0)
+    assert buffered.next_update(tie, 2, "constant")[0].slots.tolist() == [1, 2]
     # a freed slot is not taken again before it is refilled
-    again, _ = buffered.next_update(after, 2, 4, "constant")
-    assert again.slots.tolist() == [0, 2] and again.time == 3.0
+    again, emptied = buffered.next_update(after, 2, "constant")
+    assert again.slots.tolist() == [0, 2] and again.time == 3.0 and again.staleness.tolist() == [4, 2]
+    # with nothing in flight the server keeps its version and the clock stands
+    none, kept = buffered.next_update(buffered.next_update(emptied, 2, "constant")[1], 2, "constant")
+    assert len(none.slots) == 0 and not none.weights.any() and int(kept.updates) == 6
+    # a client dispatched now carries the current version
+    refilled = buffered.dispatched(kept, np.array([1]), np.array([8]), np.array([0.5]))
+    assert refilled.version[1] == 6 and refilled.finish[1] == float(kept.clock) + 0.5 and not refilled.free[1]
 
 
 @pytest.mark.parametrize("strategy", ["scan", "host_loop"])
@@ -77,16 +84,16 @@ def test_a_storing_round_and_its_aggregation_are_the_synchronous_round(strategy,
         in_order = engine.Contributions(engine.init_contributions(alg, server(), 4), jnp.arange(4, dtype=jnp.int32))
         ordered = storing(server(), engine.init_store(alg, 6), data, cohort, jax.random.key(3), in_order)
         copy = lambda: jax.tree.map(lambda x: x.copy(), ordered.server)  # noqa: E731 -- aggregate donates it
-        same = storing.aggregate(copy(), ordered.contributions, jnp.ones(4, jnp.float32))
+        same = storing.aggregate(copy(), ordered.contributions, jnp.ones(4, jnp.float32), jnp.float32(4))
         assert all(np.array_equal(np.asarray(x), np.asarray(y))
                    for x, y in zip(jax.tree.leaves(_plain(same)), jax.tree.leaves(_plain(sync.server))))
         for p, slot in enumerate(np.asarray(slots)):  # each position's contribution is in its slot
             for x, y in zip(jax.tree.leaves(kept_values), jax.tree.leaves(ordered.contributions)):
                 np.testing.assert_array_equal(x[slot], np.asarray(y)[p])
         w = np.array([1.0, 0.5, 0.0, 0.25], np.float32)
-        weighted = storing.aggregate(copy(), ordered.contributions, jnp.asarray(w))
+        weighted = storing.aggregate(copy(), ordered.contributions, jnp.asarray(w), jnp.float32(3))
         total = jax.tree.map(lambda v: jnp.tensordot(jnp.asarray(w), v, axes=1), ordered.contributions)
-        expected = alg.server_update(copy(), total, jnp.float32(w.sum()))
+        expected = alg.server_update(copy(), total, jnp.float32(3))
         for x, y in zip(jax.tree.leaves(_plain(weighted)), jax.tree.leaves(_plain(expected))):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 

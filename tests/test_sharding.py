@@ -25,6 +25,12 @@ for nd in (1, 8):
     s = run(dataclasses.replace(base, num_devices=nd, workdir=sys.argv[1] + f"/d{nd}"))
     assert s["num_devices"] == nd and s["verified_clients_total"] == 9
     out[nd] = [json.loads(l) for l in open(sys.argv[1] + f"/d{nd}/metrics.jsonl")]
+# buffered aggregation: each device writes its refills into the shared slots
+buffered = dataclasses.replace(base, aggregation="buffered", concurrency=10, buffer_size=8,
+                               local_work="uniform:0.5,1.5", staleness="poly:1")
+for nd in (1, 8):
+    run(dataclasses.replace(buffered, num_devices=nd, workdir=sys.argv[1] + f"/b{nd}"))
+    out[f"b{nd}"] = [json.loads(l) for l in open(sys.argv[1] + f"/b{nd}/metrics.jsonl")]
 print("RESULT " + json.dumps(out))
 """
 
@@ -44,3 +50,8 @@ def test_eight_devices_match_one(tmp_path):
                     "mask_density", "train_loss", "uplink_bpp_coded_prior", "uplink_bpp_measured_prior",
                     "sim_round_s"):  # the slowest client's coded message, from every device's positions
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    assert len(out["b1"]) == len(out["b8"]) == 3 and max(r["staleness_max"] for r in out["b1"]) > 0
+    for a, b in zip(out["b1"], out["b8"]):
+        for key in ("test_accuracy", "test_loss", "train_loss", "uplink_bpp_coded_prior", "sim_time_s",
+                    "staleness_mean"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), ("buffered", key, a[key], b[key])

@@ -278,18 +278,26 @@ class _Stages:
                           for k, v in per_client.items()}
         return Accumulator(sums, store, collected, per_client)
 
-    def end_round(self, server, acc: Accumulator, valid, store_before=None, kept_before=None):
+    def end_round(self, server, acc: Accumulator, valid, store_before=None, kept_before=None, dests=None):
         """Combines the sums (over devices when sharded) and applies ``server_update`` -- or,
         in a storing round, hands back the stored contributions with the server as it was.
         ``store_before``/``kept_before``: the store and the stored contributions as the round
-        found them (sharded rounds only)."""
+        found them, ``dests`` this device's positions' slots (sharded rounds only)."""
         (contribution, metrics), store, collected, per_client = acc
         k = jnp.sum(valid)
         changed = lambda old, new: old + jax.lax.psum(new - old, self.axis)  # noqa: E731
         if self.axis is not None:  # each device summed its share of the cohort
             metrics, k = jax.lax.psum((metrics, k), self.axis)
-            if self.stores:  # each slot was written on one device at most
-                contribution = jax.tree.map(changed, kept_before, contribution)
+            if self.stores:  # each slot was written on one device at most: take that device's value
+                slots = jax.tree.leaves(contribution)[0].shape[0]
+                mine = jnp.zeros(slots, jnp.int32).at[jnp.where(valid > 0, dests, slots)].set(1, mode="drop")
+                anyone = jax.lax.psum(mine, self.axis)
+
+                def merged(old, new):
+                    shape = (slots,) + (1,) * (new.ndim - 1)
+                    theirs = jax.lax.psum(jnp.where(mine.reshape(shape) > 0, new, 0), self.axis)
+                    return jnp.where(anyone.reshape(shape) > 0, theirs, old)
+                contribution = jax.tree.map(merged, kept_before, contribution)
             else:
                 contribution = jax.lax.psum(contribution, self.axis)
             # Persistent states changed only where their client trained: sum the changes.
@@ -305,10 +313,11 @@ class _Stages:
         server = _where_tree(k > 0, self.alg.server_update(server, contribution, k), server)
         return RoundOutput(server, store, dict(means, reported_clients=k), collected, per_client)
 
-    def aggregate(self, server, kept, weights):
-        """``server_update`` with the ``weights``-weighted sum of the stored contributions,
-        summed chunk by chunk in slot order as a round sums its cohort (so that weights of 1
-        on a cohort's slots give that round's server bit for bit)."""
+    def aggregate(self, server, kept, weights, count):
+        """``server_update`` with the ``weights``-weighted sum of the stored contributions and
+        ``count`` as the number of clients, summed chunk by chunk in slot order as a round sums
+        its cohort (so that weights of 1 on a cohort's slots, and their number, give that
+        round's server bit for bit)."""
         chunk = self.chunk
         zero = jax.tree.map(lambda v: jnp.zeros(v.shape[1:], v.dtype), kept)
 
@@ -318,8 +327,7 @@ class _Stages:
                                                                axes=1), total, kept)
 
         total = jax.lax.fori_loop(0, weights.shape[0] // chunk, body, zero)
-        k = jnp.sum(weights)
-        return _where_tree(k > 0, self.alg.server_update(server, total, k), server)
+        return _where_tree(count > 0, self.alg.server_update(server, total, count), server)
 
 
 class Loop:
@@ -364,8 +372,9 @@ def _round_program(loop: Loop, st: _Stages, server, store, data: ClientData, coh
         return loop.call(st.end_chunk, server, cs, data, ids, valid, slots, places, to, acc)
 
     acc = loop.fori(cohort.ids.shape[0] // st.chunk, chunk_body, acc)
+    sharded_kept = st.axis is not None and kept is not None
     return loop.call(st.end_round, server, acc, cohort.valid, store if st.axis else None,
-                     kept.values if st.axis and kept is not None else None)
+                     kept.values if sharded_kept else None, kept.slots if sharded_kept else None)
 
 
 class _InProgram(Loop):
@@ -506,7 +515,8 @@ class RoundFn:
         if kept is not None:
             slots = jax.tree.leaves(kept.values)[0].shape[:2 if self.runs > 1 else 1]
             self._aggregate_compiled = self._aggregate.lower(
-                server, kept.values, jax.ShapeDtypeStruct(slots, jnp.float32)).compile()
+                server, kept.values, jax.ShapeDtypeStruct(slots, jnp.float32),
+                jax.ShapeDtypeStruct(slots[:-1], jnp.float32)).compile()
         return time.perf_counter() - t0
 
     def __call__(self, server, store, data, cohort: Cohort, key, kept: Contributions | None = None) -> RoundOutput:
@@ -519,10 +529,11 @@ class RoundFn:
         ids = np.asarray(cohort.ids)  # host copy: the chunk's step count is read from it
         return _round_program(loop, self._program, server, store, data, cohort._replace(ids=ids), key, *extra)
 
-    def aggregate(self, server, values, weights) -> PyTree:
+    def aggregate(self, server, values, weights, count) -> PyTree:
         """The server updated with the ``weights``-weighted sum of stored contributions
-        (``[slots]`` weights, a multiple of the client chunk; leading runs axis with ``runs > 1``)."""
-        return (self._aggregate_compiled or self._aggregate)(server, values, weights)
+        (``[slots]`` weights, a multiple of the client chunk) as ``count`` clients' (a leading
+        runs axis on all of them with ``runs > 1``)."""
+        return (self._aggregate_compiled or self._aggregate)(server, values, weights, count)
 
 
 def _over_runs(program, runs: int, vectorized: int, stores: bool = False):
