@@ -43,9 +43,12 @@ _with_flag("xla_backend_optimization_level", "--xla_backend_optimization_level=1
 if _jaxlib_release() == "0.10":
     _with_flag("xla_cpu_use_fusion_emitters", "--xla_cpu_use_fusion_emitters=false")
     # The tests with 8 virtual CPU devices run their collectives as 8 threads on 2 cores, beside
-    # the other worker's tests: a fresh clone's first run once kept one thread from XLA's
-    # rendezvous for longer than its 40 s default, which aborts the program.
+    # the other worker's tests: in a fresh clone's run (an empty compilation cache) one thread
+    # reached XLA's rendezvous more than 40 s after the others, and at that default XLA aborts
+    # the program.
     _with_flag("xla_cpu_collective_timeout_seconds", "--xla_cpu_collective_timeout_seconds=600")
+    _with_flag("xla_cpu_collective_call_terminate_timeout_seconds",
+               "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 
 import pytest  # noqa: E402
 
