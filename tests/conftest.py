@@ -82,6 +82,22 @@ def fashion_mnist_tfds(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def devices_alone(tmp_path_factory):
+    """Held by the tests that run 8 virtual CPU devices or several JAX processes: one of them
+    at a time across the xdist workers. Two at once (16 device threads on 2 cores) left an
+    all-reduce's participant missing for good in fresh clones' runs (XLA aborts after its
+    rendezvous timeout); one at a time they pass."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with open(root / "devices.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     """The slow tier first: the workers share out the long tests while the queue is full and
     finish on short ones, instead of one worker ending on a minute-long test alone."""

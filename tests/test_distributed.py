@@ -25,7 +25,7 @@ def _records(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
+def test_two_processes_match_one_process_with_as_many_devices(tmp_path, devices_alone):
     workdir = str(tmp_path / "two")
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.multiprocess", "--processes=2", "--cpu_devices=2", "--compare",

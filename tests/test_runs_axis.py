@@ -144,7 +144,7 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_runs_sharded_over_eight_devices_match_each_alone_on_one(tmp_path):
+def test_runs_sharded_over_eight_devices_match_each_alone_on_one(tmp_path, devices_alone):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(tmp_path)], env=env, cwd=ROOT,

@@ -35,7 +35,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_eight_devices_match_one(tmp_path):
+def test_eight_devices_match_one(tmp_path, devices_alone):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, cwd=ROOT,
