@@ -1,0 +1,3 @@
+from fedmask_jax.host_devices import reserve_collective_threads
+
+reserve_collective_threads()

@@ -42,13 +42,12 @@ def _jaxlib_release() -> str:
 _with_flag("xla_backend_optimization_level", "--xla_backend_optimization_level=1")
 if _jaxlib_release() == "0.10":
     _with_flag("xla_cpu_use_fusion_emitters", "--xla_cpu_use_fusion_emitters=false")
-    # The tests with 8 virtual CPU devices run their collectives as 8 threads on 2 cores, beside
-    # the other worker's tests: in a fresh clone's run (an empty compilation cache) one thread
-    # reached XLA's rendezvous more than 40 s after the others, and at that default XLA aborts
-    # the program.
-    _with_flag("xla_cpu_collective_timeout_seconds", "--xla_cpu_collective_timeout_seconds=600")
+    # A deadlock of the 8-device tests (fedmask_jax/host_devices.py) used to wait out XLA's
+    # collective timeouts (XLA's default is 40 s); 120 s leaves a slow thread on a loaded
+    # machine more room, and fails a hang sooner than the 600 s tried before.
+    _with_flag("xla_cpu_collective_timeout_seconds", "--xla_cpu_collective_timeout_seconds=120")
     _with_flag("xla_cpu_collective_call_terminate_timeout_seconds",
-               "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+               "--xla_cpu_collective_call_terminate_timeout_seconds=120")
 
 import pytest  # noqa: E402
 
@@ -85,9 +84,9 @@ def fashion_mnist_tfds(tmp_path_factory):
 @pytest.fixture
 def devices_alone(tmp_path_factory):
     """Held by the tests that run 8 virtual CPU devices or several JAX processes: one of them
-    at a time across the xdist workers. Two at once (16 device threads on 2 cores) left an
-    all-reduce's participant missing for good in fresh clones' runs (XLA aborts after its
-    rendezvous timeout); one at a time they pass."""
+    at a time across the xdist workers, so that two such heavy subprocesses do not share the 2
+    cores. (Their all-reduce hangs in fresh clones were not this contention but a deadlock in
+    XLA:CPU's thread pool: fedmask_jax/host_devices.py.)"""
     import fcntl
 
     root = tmp_path_factory.getbasetemp()

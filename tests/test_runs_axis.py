@@ -115,8 +115,8 @@ def test_runs_that_differ_in_shape_are_refused_before_building():
 EIGHT_DEVICES = r"""
 import dataclasses, json, sys
 import jax
+from fedmask_jax.run_config import RunConfig  # before the backend starts: it reserves its threads
 assert len(jax.devices()) == 8, jax.devices()
-from fedmask_jax.run_config import RunConfig
 from fedmask_jax.simulation import execute_runs, run
 d = sys.argv[1]
 base = RunConfig(dataset="digits", mlp_hidden=(32,), num_clients=8, clients_per_round=4, rounds=2,

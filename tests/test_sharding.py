@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r"""
 import dataclasses, json, sys
 import jax
+from fedmask_jax.simulation import RunConfig, run  # before the backend starts: it reserves its threads
 assert len(jax.devices()) == 8, jax.devices()
-from fedmask_jax.simulation import RunConfig, run
 base = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=12,
                  clients_per_round=7, rounds=3, local_epochs=1, batch_size=32, verbose=False,
                  client_chunk_size=1, uplink_mbps="lognormal:-4,1",
