@@ -36,6 +36,8 @@ from typing import NamedTuple
 import numpy as np
 
 AGGREGATIONS = ("sync", "buffered")
+# What a buffered round records of its server update (with or without refills trained in it).
+UPDATE_FIELDS = ("buffered_clients", "staleness_mean", "staleness_max")
 
 
 def staleness_weights(spec: str, tau: np.ndarray) -> np.ndarray:

@@ -243,10 +243,11 @@ class Experiment:
             # FedBuff's sum of s(tau)-weighted updates over the buffer's M.
             counts.append(np.float32(update.weights.sum() if self.spec.masked else len(update.slots)))
             schedules.append(s)
+            taken = len(update.slots)
             fields.append({"sim_round_s": update.time - float(before.clock),
-                           "buffered_clients": len(update.slots),
-                           "staleness_mean": float(update.staleness.mean()) if len(update.slots) else 0.0,
-                           "staleness_max": int(update.staleness.max()) if len(update.slots) else 0})
+                           **dict(zip(buffered_lib.UPDATE_FIELDS,
+                                      (taken, float(update.staleness.mean()) if taken else 0.0,
+                                       int(update.staleness.max()) if taken else 0)))})
         weights = self._place(self.axis.stack(weights, xp=np), self.axis.spec())
         counts = self._place(self.axis.stack(counts, xp=np), self.axis.spec())
         server = self.round_fn.aggregate(out.server, out.contributions, weights, counts)
@@ -272,6 +273,12 @@ class Experiment:
             downlink = n * metrics[i].get("downlink_bpp", 0.0)
             seconds.append(run.federation.round_seconds(plan, uplink, downlink))
         return seconds
+
+    @property
+    def round_metrics(self) -> tuple[str, ...]:
+        """The round metrics that describe the round rather than its clients: a record keeps
+        them when no client reported (``engine.ROUND_METRICS``; buffered, the server update's)."""
+        return engine.ROUND_METRICS + (buffered_lib.UPDATE_FIELDS if self.buffered else ())
 
     @property
     def uplink_metric(self) -> str:

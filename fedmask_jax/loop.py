@@ -107,7 +107,8 @@ def run_rounds(exp: Experiment, state: State, tracks: Sequence[Track], *,
         evaluations = exp.evaluate(state.server, r) if any(due[i] or diverged[i] for i, _ in recording) else None
         eval_time = time.perf_counter() - t_eval
         for i, track in recording:
-            fields = _round_fields(track, metrics[i], plans[i].fields, round_time, sim_seconds[i], exp.num_params)
+            fields = _round_fields(track, metrics[i], plans[i].fields, round_time, sim_seconds[i], exp.num_params,
+                                   exp.round_metrics)
             view = RoundView(exp.part(result.collected, i), metrics[i])
             parts = [hook.after_round(r, view, ticket) for hook, ticket in zip(track.run.hooks, tickets[i])]
             evaluation = evaluations[i] if due[i] or diverged[i] else None
@@ -137,13 +138,15 @@ def run_rounds(exp: Experiment, state: State, tracks: Sequence[Track], *,
 
 
 def _round_fields(track: Track, metrics: dict[str, float], plan_fields: dict[str, int], round_time: float,
-                  sim_seconds: float, num_params: int) -> dict[str, Any]:
+                  sim_seconds: float, num_params: int, round_metrics: Sequence[str]) -> dict[str, Any]:
     """A round's record fields from its metrics: the client means, the federation's counts,
     the round on the simulated clock and the running totals of bits and simulated seconds
-    (``track.totals`` goes on with them)."""
+    (``track.totals`` goes on with them). ``round_metrics``: the metrics of the round itself,
+    kept when no client reported."""
     reported = metrics["reported_clients"]
-    # A round no client reported has no client means to record (the server kept its state).
-    means = metrics if reported else {"reported_clients": reported}
+    # A round no client reported has no client means to record (their zeros are no mean), but
+    # it still has what the round itself measured: what was downloaded, a buffered update.
+    means = metrics if reported else {k: v for k, v in metrics.items() if k in round_metrics}
     fields: dict[str, Any] = {"algorithm": track.cfg.algorithm, **means, **plan_fields, "round_time_s": round_time,
                               "sim_round_s": sim_seconds}
     fields[SIM_TIME] = track.totals[SIM_TIME] = track.totals.get(SIM_TIME, 0.0) + sim_seconds

@@ -127,6 +127,26 @@ def test_buffered_with_every_slot_in_every_update_and_equal_clients_is_the_synch
 
 
 @pytest.mark.slow
+def test_a_buffered_round_without_refills_records_its_update_and_no_client_means(tmp_path):
+    """Three of 20 clients are available on average (bernoulli:0.15), so some round has none
+    free to refill: its record has no client means (no client trained in it) but still says
+    what the server took from the buffer, and what a client downloads."""
+    cfg = dataclasses.replace(BASE, num_clients=20, clients_per_round=2, rounds=4, aggregation="buffered",
+                              concurrency=2, buffer_size=2, availability="bernoulli:0.15", algorithm="fedavg",
+                              workdir=str(tmp_path / "run"))
+    with open(os.path.join(run(cfg)["workdir"], "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    empty = [r for r in records if r["reported_clients"] == 0]
+    assert empty and len(empty) < len(records), [r["reported_clients"] for r in records]
+    for r in records:
+        assert {"buffered_clients", "staleness_mean", "staleness_max", "sim_round_s"} <= set(r)
+        assert r["downlink_bpp"] == 32.0
+    for r in empty:
+        assert "train_loss" not in r and "uplink_bpp" not in r and "update_norm" not in r
+    assert any(r["buffered_clients"] > 0 for r in records)
+
+
+@pytest.mark.slow
 def test_the_clock_orders_the_updates_and_a_run_repeats_itself(tmp_path):
     """Six clients, all in flight (C = N), two per update; their full local work takes 1, 0.5,
     0.25, 2, 4 and 3 s. By hand:

@@ -169,3 +169,26 @@ def test_every_record_carries_the_clock_and_the_slowest_clients_coded_message_se
         assert r["sim_round_s"] == pytest.approx(0.5 + 32 * n / 1e6 + 1.0 + 32 * n / 1e4, rel=1e-12)
     assert timed_recs[-1]["sim_time_s"] == pytest.approx(sum(r["sim_round_s"] for r in timed_recs), rel=1e-12)
     assert dense["sim_time_s"] == pytest.approx(dense_recs[-1]["sim_time_s"])
+
+
+@pytest.mark.slow
+def test_a_round_every_client_dropped_from_still_counts_their_download(tmp_path):
+    """Clients 1, 3, 5 and 7 (speed 0.5) miss the 1 s deadline and are dropped; with one client
+    a round, a round of one of them reports no one. Its clients still downloaded the model, so
+    the round lasts latency + download + deadline, and its record keeps downlink_bpp (the
+    server's broadcast) while it has no client means."""
+    (tmp_path / "speeds.csv").write_text("1\n0.5\n" * 4)
+    cfg = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=8, clients_per_round=1, rounds=6,
+                    local_epochs=1, batch_size=32, verbose=False, tensorboard=False, algorithm="fedavg",
+                    local_work=f"csv:{tmp_path / 'speeds.csv'}", straggler_policy="drop",
+                    downlink_mbps="1", latency_s="0.1", workdir=str(tmp_path / "run"))
+    summary = run(cfg)
+    with open(os.path.join(summary["workdir"], "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    empty = [r for r in records if r["reported_clients"] == 0]
+    assert empty and len(empty) < len(records), [r["reported_clients"] for r in records]
+    download = 32 * summary["num_params"] / 1e6
+    for r in empty:
+        assert r["downlink_bpp"] == 32.0 and "train_loss" not in r and "uplink_bpp" not in r
+        assert r["sim_round_s"] == pytest.approx(0.1 + download + 1.0, rel=1e-12)
+    assert all(r["downlink_bpp"] == 32.0 for r in records)

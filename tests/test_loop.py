@@ -34,6 +34,7 @@ class FakeProgram:
     train loss in round r (0-based)."""
 
     num_params = NUM_PARAMS
+    round_metrics = ("reported_clients",)
 
     def __init__(self, losses):
         self.losses, self.rounds, self.evaluated = losses, [], []

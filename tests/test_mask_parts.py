@@ -130,7 +130,8 @@ def test_a_new_codec_composes_into_a_method():
     batch = Batch(jnp.ones((4, 8, 8, 1), jnp.uint8), jnp.arange(4), jnp.ones(4))
     state, _ = alg.client_step(server, state, batch, jax.random.key(1))
     result = alg.client_finish(server, state, (), jnp.int32(4), jax.random.key(2))
-    assert {"uplink_bpp", "mask_density", "uplink_bpp_coded_prior", "downlink_bpp"} <= set(result.metrics)
+    assert {"uplink_bpp", "mask_density", "uplink_bpp_coded_prior"} <= set(result.metrics)
+    assert float(alg.downlink_bits(server)) == 32 * alg.num_params  # the default float32 broadcast
     new = alg.server_update(server, result.contribution, jnp.int32(1))
     assert int(new.round) == 1
     assert all(np.isfinite(models.flat(new.scores)))

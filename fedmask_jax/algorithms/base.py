@@ -65,6 +65,9 @@ class FederatedAlgorithm(NamedTuple):
     client_finish(server_state, client_state, persistent, num_examples, key) -> ClientResult
         (its metrics include ``uplink_bpp``: the message's size in bits per parameter)
     server_update(server_state, contribution_sum, num_clients) -> server_state
+    downlink_bits(server_state) -> the broadcast's size in bits (optional): what each client of
+        the round downloads, a property of the server, so the engine reports it
+        (``downlink_bpp``) even for a round no client reported in
     evaluate(server_state, batch, key) -> dict of per-batch *sums* (the engine divides by the
         number of real examples)
 
@@ -95,6 +98,7 @@ class FederatedAlgorithm(NamedTuple):
     server_update: Callable[[PyTree, PyTree, jax.Array], PyTree]
     evaluate: Callable[[PyTree, Batch, jax.Array], dict[str, jax.Array]]
     num_params: int  # entries the uplink message describes (for bits per parameter)
+    downlink_bits: Callable[[PyTree], jax.Array] | None = None
     # contribution -> flat uint8 array: the client's message as it would leave the device,
     # for methods whose messages the host codes (None: there is nothing to collect).
     uplink_payload: Callable[[PyTree], jax.Array] | None = None

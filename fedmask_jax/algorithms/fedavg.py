@@ -244,8 +244,7 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig
         message, persistent = compressor.encode(delta, persistent, key)
         # The server's reconstruction, from the message and the shared key only.
         decoded = compressor.decode(message, key)
-        metrics.update(uplink_bpp=compressor.bits(message) / num_params,
-                       downlink_bpp=jnp.float32(32.0))  # the global weights as float32
+        metrics.update(uplink_bpp=compressor.bits(message) / num_params)
         return ClientResult((decoded, side), persistent, metrics)
 
     def server_update(server: FedAvgServerState, contribution_sum, num_clients):
@@ -272,8 +271,8 @@ def compressed_fedavg(model: nn.Module, sample_x: jax.Array, config: DenseConfig
         name=name, server_init=server_init, persistent_init=persistent_init,
         client_init=client_init, client_step=gradient_step(client_params, client_loss, client_apply),
         client_finish=client_finish, server_update=server_update, evaluate=evaluate,
-        num_params=num_params, client_params=client_params, client_loss=client_loss,
-        client_apply=client_apply,
+        num_params=num_params, downlink_bits=lambda server: jnp.float32(32 * num_params),  # float32 weights
+        client_params=client_params, client_loss=client_loss, client_apply=client_apply,
     )
 
 

@@ -94,8 +94,7 @@ def mask_method(model: nn.Module, sample_x: jax.Array, config, codec: Callable[[
         message = uplink.encode(state.scores, server.scores, key)
         mask = uplink.decode(message, server.scores, key)
         metrics = {"uplink_bpp": uplink.bits(message) / num_params,
-                   **uplink.metrics(message, mask, state.scores, server.scores),
-                   "downlink_bpp": down.downlink_bits(server.scores) / num_params}
+                   **uplink.metrics(message, mask, state.scores, server.scores)}
         return ClientResult(mask, train.kept(state, persistent), metrics)
 
     def server_update(server: FedPMServerState, mask_counts, num_clients):
@@ -109,7 +108,8 @@ def mask_method(model: nn.Module, sample_x: jax.Array, config, codec: Callable[[
         client_init=train.client_init,
         client_step=gradient_step(train.client_params, train.client_loss, train.client_apply),
         client_finish=client_finish, server_update=server_update, evaluate=train.evaluate,
-        num_params=num_params, uplink_payload=lambda mask: codecs.packed_mask(mask, num_params),
+        num_params=num_params, downlink_bits=lambda server: down.downlink_bits(server.scores),
+        uplink_payload=lambda mask: codecs.packed_mask(mask, num_params),
         client_params=train.client_params, client_loss=train.client_loss, client_apply=train.client_apply,
     )
 

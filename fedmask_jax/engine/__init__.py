@@ -36,13 +36,14 @@ from fedmask_jax.engine.plan import (ExecutionPlan, ExecutionSettings, auto_chun
                                      auto_runs_per_program, auto_runs_vectorized, auto_strategy,
                                      cpu_cache_bytes, device_memory_bytes, host_memory_bytes,
                                      memory_needed, message_bytes, plan_execution)
-from fedmask_jax.engine.program import Collected, Contributions, RoundFn, RoundOutput, make_round_fn
+from fedmask_jax.engine.program import (ROUND_METRICS, Collected, Contributions, RoundFn, RoundOutput,
+                                     make_round_fn)
 # Who takes part is the federation's; named here too for the engine's callers.
 from fedmask_jax.federation import ALL_STEPS, sample_cohort
 
 __all__ = [
     # the round program
-    "RoundFn", "make_round_fn", "RoundOutput", "Collected",
+    "RoundFn", "make_round_fn", "RoundOutput", "ROUND_METRICS", "Collected",
     # what it is compiled with
     "EngineConfig", "STRATEGIES", "CLIENT_GRADS", "compiler_options",
     # its inputs

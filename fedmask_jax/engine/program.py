@@ -59,10 +59,15 @@ class Collected(NamedTuple):
     metrics: dict[str, jax.Array]  # [slots] each: that client's own metrics
 
 
+# The round's own metrics, beside the client means: how many reported and what each client
+# downloaded. A round no client reported in has these and no means.
+ROUND_METRICS = ("reported_clients", "downlink_bpp")
+
+
 class RoundOutput(NamedTuple):
     server: PyTree
     store: PyTree  # every client's persistent state (leading client axis)
-    metrics: dict[str, jax.Array]  # means over the cohort's real clients
+    metrics: dict[str, jax.Array]  # means over the cohort's real clients, and ROUND_METRICS
     collected: Collected | None  # None when the round collects no messages
     # [cohort positions] each: the metrics named in EngineConfig.per_client, client by client
     # (0 where a position does not report); None when it names none.
@@ -307,6 +312,8 @@ class _Stages:
             if per_client is not None:  # as was every position
                 per_client = jax.lax.psum(per_client, self.axis)
         means = {name: v / jnp.maximum(k, 1.0) for name, v in metrics.items()}
+        if self.alg.downlink_bits is not None:  # what the round's clients downloaded: the server's
+            means["downlink_bpp"] = self.alg.downlink_bits(server) / self.alg.num_params
         if self.stores:
             return RoundOutput(server, store, dict(means, reported_clients=k), collected, per_client, contribution)
         # No client reported (all dropped or unavailable): the server keeps its state.
