@@ -160,19 +160,17 @@ class Experiment:
         those settings are on); buffered: the refills of the slots the last update freed."""
         if buffer is not None:
             return self._refills(round_index, buffer)
-        multiple = self.engine_config.client_chunk_size * self.round_fn.client_devices
         plans = [r.federation.plan(round_index) for r in self.runs]
-        cohort = self.axis.stack([
-            engine.make_cohort(p.clients, multiple, self.engine_config.collect, r.cfg.seed, round_index,
-                               steps=p.steps, valid=p.valid, size=r.cfg.clients_per_round)
-            for p, r in zip(plans, self.runs)], xp=np)
-        split = (engine.CLIENTS_AXIS,) if self.round_fn.client_devices > 1 else ()
-        return self._place(cohort, self.axis.spec(*split)), plans
+        # clients_per_round is part of the shape key: every run's cohort has the same size.
+        return self._cohort(plans, round_index, self.runs[0].cfg.clients_per_round), plans
 
     def _cohort(self, plans, round_index: int, size: int) -> engine.Cohort:
+        """The runs' plans as one cohort of at least ``size`` positions, placed on the devices."""
         multiple = self.engine_config.client_chunk_size * self.round_fn.client_devices
-        cohort = self.axis.stack([engine.make_cohort(p.clients, multiple, self.engine_config.collect, r.cfg.seed,
-                                                     round_index, size=size) for p, r in zip(plans, self.runs)], xp=np)
+        cohort = self.axis.stack([
+            engine.make_cohort(p.clients, multiple, self.engine_config.collect, r.cfg.seed, round_index,
+                               steps=p.steps, valid=p.valid, size=size)
+            for p, r in zip(plans, self.runs)], xp=np)
         split = (engine.CLIENTS_AXIS,) if self.round_fn.client_devices > 1 else ()
         return self._place(cohort, self.axis.spec(*split))
 
