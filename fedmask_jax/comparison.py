@@ -90,33 +90,60 @@ def method_row(method: str, workdir: str, target: float) -> dict:
     return row
 
 
+# A figure older runs' records do not hold (they were written before it was): the row field
+# whose absence says so, so that such a cell reads "n/r" (not recorded), not "—" (not reached).
+RECORDED_WITH = {"sim_time_to_target_s": "sim_time_s"}
+
+
 def markdown_table(rows: list[dict]) -> str:
     table = table_columns()
     head = "| " + " | ".join(h for _, h, _ in table) + " | status |"
     lines = [head, "|" + "---|" * (len(table) + 1)]
+    unrecorded = False
     for row in rows:
         cells = []
         for key, _, fmt in table:
-            value = row.get(key)
-            cells.append("—" if value is None else fmt.format(value))
+            value, recorded_with = row.get(key), RECORDED_WITH.get(key)
+            if value is None and recorded_with and "final_test_accuracy" in row and row.get(recorded_with) is None:
+                unrecorded = True
+                cells.append("n/r")
+            else:
+                cells.append("—" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + f" | {row['status']} |")
+    if unrecorded:
+        lines.append("\n— not reached or not the method's; n/r: not in that run's records (written before the field was)")
     return "\n".join(lines) + "\n"
 
 
-def seeds_table(rows: list[dict], groups: dict[str, list[str]]) -> str:
-    """Mean and standard deviation over each entry's seeds (finished runs only)."""
+def seeds_table(rows: list[dict], groups: dict[str, list[str]], declared: list[Shows] | None = None) -> str:
+    """Mean ± standard deviation over each entry's finished seeds of its accuracies, uplink
+    bits, coded uplink (a method that declares one) and cost to the target. The cost to the
+    target averages the seeds that reached it; "k/n reached" says when some did not."""
     import statistics
 
+    declared = registry.declarations() if declared is None else declared
+    coded = dict.fromkeys((c.bpp, c.header) for c in (s.coded_uplink for s in declared) if c is not None)
+    columns = [("final_test_accuracy", "final test acc", "{:.4f}"), ("best_test_accuracy", "best test acc", "{:.4f}"),
+               ("mean_uplink_bpp", "uplink bits/param/client", "{:.4f}"),
+               *((key, header, "{:.4f}") for key, header in coded),
+               ("rounds_to_target", "rounds to target", "{:.1f}"), ("uplink_mb_to_target", "uplink MB to target", "{:.2f}")]
+
+    def cell(done: list[dict], key: str, fmt: str) -> str:
+        values = [r[key] for r in done if r.get(key) is not None]
+        if not values:
+            return f"— (0/{len(done)} reached)" if key in TO_TARGET else "—"
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        text = f"{fmt.format(statistics.fmean(values))} ± {fmt.format(std)}"
+        return text if len(values) == len(done) or key not in TO_TARGET else f"{text} ({len(values)}/{len(done)} reached)"
+
     by = {r["method"]: r for r in rows}
-    lines = ["| method | seeds | final test acc (mean ± std) | best test acc (mean ± std) | uplink bits/param/client |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | seeds | " + " | ".join(f"{h} (mean ± std)" for _, h, _ in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
     for entry, names in groups.items():
         done = [by[n] for n in names if "final_test_accuracy" in by.get(n, {})]
-        if not done:
-            continue
-        stat = lambda k: (statistics.fmean(r[k] for r in done),  # noqa: E731
-                          statistics.stdev(r[k] for r in done) if len(done) > 1 else 0.0)
-        (fm, fs), (bm, bs) = stat("final_test_accuracy"), stat("best_test_accuracy")
-        lines.append(f"| {entry} | {len(done)} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} | "
-                     f"{statistics.fmean(r['mean_uplink_bpp'] for r in done):.4f} |")
+        if done:
+            lines.append(f"| {entry} | {len(done)} | " + " | ".join(cell(done, k, f) for k, _, f in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+TO_TARGET = ("rounds_to_target", "uplink_mb_to_target")

@@ -325,3 +325,40 @@ def test_parts_run_in_order_first_second_seeds_and_one_at_a_time(tmp_path, monke
     assert (started, code) == ([], 1)
     started, code, _ = _fake_compare(monkeypatch, tmp_path / "bad", "--parts=first,third")
     assert code == 2
+
+
+def test_the_seeds_table_averages_what_each_seed_recorded_and_counts_who_reached_the_target():
+    from fedmask_jax import comparison
+
+    def row(name, acc, rounds, mb, coded=None):
+        r = {"method": name, "status": "done", "final_test_accuracy": acc, "best_test_accuracy": acc + 0.01,
+             "mean_uplink_bpp": 1.0, "rounds_to_target": rounds, "uplink_mb_to_target": mb, "sim_time_s": 3.0}
+        return r if coded is None else {**r, "mean_uplink_bpp_coded_prior": coded}
+
+    rows = [row("a", 0.80, 4, 2.0, 0.5), row("a@seed1", 0.84, 6, 3.0, 0.7), row("a@seed2", 0.70, None, None, 0.6),
+            row("b", 0.60, None, None), row("b@seed1", 0.62, None, None)]
+    table = comparison.seeds_table(rows, {"a": ["a", "a@seed1", "a@seed2"], "b": ["b", "b@seed1"]})
+    line_a = next(line for line in table.splitlines() if line.startswith("| a |"))
+    cells = [c.strip() for c in line_a.strip("|").split("|")]
+    assert cells[:3] == ["a", "3", "0.7800 ± 0.0721"]
+    # the cost to the target over the two seeds that reached it, saying so
+    assert cells[-2:] == ["5.0 ± 1.4 (2/3 reached)", "2.50 ± 0.71 (2/3 reached)"]
+    assert "0.6000 ± 0.1000" in cells  # the coded uplink, recorded by all three seeds
+    line_b = next(line for line in table.splitlines() if line.startswith("| b |"))
+    assert line_b.endswith("| — (0/2 reached) | — (0/2 reached) |")
+
+
+def test_a_figure_an_older_run_did_not_record_reads_not_recorded_not_unreached():
+    from fedmask_jax import comparison
+
+    base = {"status": "done", "final_test_accuracy": 0.8, "best_test_accuracy": 0.8, "mean_uplink_bpp": 1.0,
+            "total_uplink_mb": 1.0, "rounds_to_target": None, "uplink_mb_to_target": None,
+            "sim_time_to_target_s": None, "steady_round_time_s": 1.0}
+    table = comparison.markdown_table([{**base, "method": "old", "sim_time_s": None},
+                                       {**base, "method": "new", "sim_time_s": 40.0},
+                                       {"method": "waiting", "status": "not run"}])
+    sim = [h for _, h, _ in comparison.table_columns()].index("simulated s to target")
+    cell = {line.split("|")[1].strip(): line.split("|")[1 + sim].strip() for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert cell == {"old": "n/r", "new": "—", "waiting": "—"}
+    assert "n/r: not in that run's records" in table
