@@ -155,7 +155,7 @@ def report(methods: list[str], compare_dir: str, status: dict[str, str], target:
     """``repeats``: entry -> the run names of its other seeds (``<entry>@seed<s>``)."""
     from fedmask_jax import comparison
     from fedmask_jax.outputs import write_json_atomic
-    from fedmask_jax.plots import plot_comparison
+    from fedmask_jax.plots import plot_comparison, plot_seeds
 
     rows, done = [], []
     names = methods + [r for entry in methods for r in (repeats or {}).get(entry, [])]
@@ -176,6 +176,10 @@ def report(methods: list[str], compare_dir: str, status: dict[str, str], target:
         f.write(text)
     if done:
         plot_comparison(done, compare_dir, target)
+    finished = {r["method"] for r in rows if "final_test_accuracy" in r}
+    seeds = {entry: [os.path.join(compare_dir, n) for n in names if n in finished] for entry, names in groups.items()}
+    if any(len(dirs) > 1 for dirs in seeds.values()):
+        plot_seeds({entry: dirs for entry, dirs in seeds.items() if dirs}, compare_dir, target)
     return rows
 
 

@@ -135,3 +135,51 @@ def plot_comparison(runs: Sequence[tuple[str, str]], out_dir: str,
         ax.legend(fontsize=7, ncol=2)
         paths.append(_save(fig, out_dir, name))
     return paths
+
+
+def seed_curves(workdirs: Sequence[str], xkey: str = "round") -> tuple[list[float], list[float], list[float]]:
+    """(x, mean, std) of test accuracy over several seeds' runs, at the evaluated rounds all of
+    them recorded (std 0 with one run); x is the first run's ``xkey`` there."""
+    import statistics
+
+    runs = [{r["round"]: r for r in load_records(d) if "test_accuracy" in r} for d in workdirs]
+    rounds = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+    xs, means, stds = [], [], []
+    for k in rounds:
+        accs = [r[k]["test_accuracy"] for r in runs]
+        xs.append(runs[0][k][xkey])
+        means.append(statistics.fmean(accs))
+        stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    return xs, means, stds
+
+
+def plot_seeds(groups: dict[str, Sequence[str]], out_dir: str, target: float | None = None) -> list[str]:
+    """Each entry's test accuracy over its seeds, mean with a ±1 std band, per round and per
+    cumulative uplink (its first seed's bits: an entry's seeds send the same or nearly the same;
+    dashed, the mean against the uplink as coded where the method declares one).
+    ``groups`` is label -> the workdirs of its seeds."""
+    os.makedirs(out_dir, exist_ok=True)
+    figures = [("compare_seeds_accuracy.png", "round", "round", "linear", 1),
+               ("compare_seeds_accuracy_vs_uplink.png", "cumulative_uplink_bits",
+                "cumulative uplink, all clients (Mbit, log scale)", "log", 1e6)]
+    paths = []
+    for name, xkey, xlabel, xscale, scale in figures:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, dirs in groups.items():
+            xs, mean, std = seed_curves(dirs, xkey)
+            xs = [x / scale for x in xs]
+            line, = ax.plot(xs, mean, label=f"{label} ({len(dirs)} seeds)")
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.25, lw=0)
+            coded = run_shows(dirs[0]).coded_uplink
+            if xkey == "cumulative_uplink_bits" and coded is not None and coded.bits in load_records(dirs[0])[0]:
+                cx, cmean, _ = seed_curves(dirs, coded.bits)
+                ax.plot([x / scale for x in cx], cmean, ls="--", color=line.get_color(), label=f"{label} ({coded.curve})")
+        if target is not None:
+            ax.axhline(target, color="gray", ls=":", lw=1, label=f"target {target:g}")
+        ax.set(xlabel=xlabel, ylabel="test accuracy (mean ± std over seeds)", xscale=xscale,
+               title="Accuracy over seeds" + (" vs uplink communication" if xscale == "log" else " per round"))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir, name))
+    return paths

@@ -212,6 +212,7 @@ def test_variants_seeds_and_a_second_setting(tmp_path, capsys):
     accs = [rows["fedpm"]["final_test_accuracy"], rows["fedpm@seed1"]["final_test_accuracy"]]
     mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / 2 ** 0.5
     assert f"| fedpm | 2 | {mean:.4f} ± {std:.4f} |" in table
+    assert (out / "compare_seeds_accuracy.png").is_file() and (out / "compare_seeds_accuracy_vs_uplink.png").is_file()
     second = {r["method"]: r for r in json.load(open(out / "noniid" / "compare.json"))}
     assert set(second) == {"fedpm"} and second["fedpm"]["status"] == "done"
     with open(out / "noniid" / "fedpm" / "config.json") as f:
@@ -362,3 +363,24 @@ def test_a_figure_an_older_run_did_not_record_reads_not_recorded_not_unreached()
             if line.startswith("| ") and not line.startswith("| method")}
     assert cell == {"old": "n/r", "new": "—", "waiting": "—"}
     assert "n/r: not in that run's records" in table
+
+
+def test_seed_curves_average_the_rounds_every_seed_evaluated(tmp_path):
+    from fedmask_jax.plots import plot_seeds, seed_curves
+
+    def run(name, accs):  # round -> accuracy; a round without one is not evaluated
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "metrics.jsonl", "w") as f:
+            for k, a in accs.items():
+                rec = {"round": k, "cumulative_uplink_bits": 100.0 * k}
+                f.write(json.dumps({**rec, **({"test_accuracy": a} if a is not None else {})}) + "\n")
+        return str(d)
+
+    dirs = [run("s0", {1: 0.2, 2: 0.4, 3: 0.6}), run("s1", {1: 0.4, 2: None, 3: 0.8})]
+    xs, mean, std = seed_curves(dirs, "cumulative_uplink_bits")
+    assert xs == [100.0, 300.0]
+    assert mean == pytest.approx([0.3, 0.7]) and std == pytest.approx([0.1 * 2 ** 0.5] * 2)
+    paths = plot_seeds({"fedavg": dirs}, str(tmp_path / "out"), target=0.5)
+    assert [os.path.basename(p) for p in paths] == ["compare_seeds_accuracy.png", "compare_seeds_accuracy_vs_uplink.png"]
+    assert all(os.path.getsize(p) > 0 for p in paths)
