@@ -28,8 +28,15 @@ A method flagfile may include another with ``--flagfile=<path>`` (relative to th
 directory, as absl reads it), e.g. to take a tuned method's values and override one; later
 lines win.
 
+``--finished_runs`` names a folder of finished runs' records laid out as ``--compare_dir``
+(config.json, metrics.jsonl, summary.json: what a committed results folder keeps); those the
+compare dir lacks are copied in before anything runs, so that a fresh checkout rebuilds the
+tables from them instead of running again.
+
 Writes ``compare.json`` (one object per run), ``compare.md`` and the PNG plots
-``compare_accuracy.png`` and ``compare_accuracy_vs_uplink.png`` in each setting's folder.
+``compare_accuracy.png`` and ``compare_accuracy_vs_uplink.png`` in each setting's folder; with
+``--seeds``, the mean ± std table at the end of ``compare.md`` and
+``compare_seeds_accuracy.png``/``compare_seeds_accuracy_vs_uplink.png``.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ flags.DEFINE_string("method_configs", "experiments/configs/methods",
 flags.DEFINE_string("compare_dir", "runs/compare", "Folder for one workdir per method and the table.")
 flags.DEFINE_float("target_accuracy", 0.8, "Accuracy for the rounds-to-target and MB-to-target columns.")
 flags.DEFINE_bool("report_only", False, "Only rebuild the table and plots from finished methods.")
+flags.DEFINE_string("finished_runs", "", "A folder of finished runs' records (config.json, metrics.jsonl, "
+                    "summary.json), laid out as --compare_dir: each one --compare_dir lacks is copied in "
+                    "first and counts as done (e.g. the committed results/conv4_cpu/...).")
 flags.DEFINE_list("seeds", [], "More seeds for the --seeds_for entries (beside the setting's --seed).")
 flags.DEFINE_list("seeds_for", [], "Entries repeated at every --seeds seed; topN_baselines = the N "
                   "baselines with the best final accuracy at the setting's seed.")
@@ -238,6 +248,31 @@ def _second_setting_flags() -> list[str]:
     return extra
 
 
+RECORD = ("config.json", "metrics.jsonl", "summary.json")
+
+
+def bring_finished(source: str, compare_dir: str) -> list[str]:
+    """Copies each finished run's record under ``source`` (a folder with a summary.json) that
+    ``compare_dir`` does not have finished into the same place under ``compare_dir``; returns
+    their folders relative to it. A record is taken as it is, as a finished run in
+    ``compare_dir`` is: it is not run again whatever the flags say now."""
+    import shutil
+
+    brought = []
+    for folder, _, names in sorted(os.walk(source)):
+        rel = os.path.relpath(folder, source)
+        if "summary.json" not in names or os.path.isfile(os.path.join(compare_dir, rel, "summary.json")):
+            continue
+        os.makedirs(os.path.join(compare_dir, rel), exist_ok=True)
+        for name in RECORD:  # the summary last: a copy cut short is not a finished run
+            if name in names:
+                shutil.copy2(os.path.join(folder, name), os.path.join(compare_dir, rel, name))
+        brought.append(rel)
+    if brought:
+        print(f"compare: {len(brought)} finished runs' records from {source}", flush=True)
+    return brought
+
+
 def _unfinished(rows: list[dict]) -> bool:
     return any(r["status"] == "not run" or r["status"].startswith("failed") for r in rows)
 
@@ -256,6 +291,8 @@ def main(argv):
         second = _second_setting_flags()
         if F.second_methods and not second:
             raise ValueError("--second_methods needs --second_setting")
+        if F.finished_runs and not os.path.isdir(F.finished_runs):
+            raise ValueError(f"--finished_runs={F.finished_runs}: no such folder")
         unknown = [p for p in F.parts if p not in PARTS]
         if unknown or not F.parts:
             raise ValueError(f"--parts: {', '.join(unknown) or 'empty'}; allowed: {', '.join(PARTS)}")
@@ -263,6 +300,8 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(exit_codes.BAD_INPUT)
     os.makedirs(F.compare_dir, exist_ok=True)
+    if F.finished_runs:
+        bring_finished(F.finished_runs, F.compare_dir)
     # Ctrl-C or a SIGTERM that reaches this process alone (a scheduler, `timeout`) stops the run
     # in progress with its rounds on disk (launch.call hands the signal on), then the comparison.
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

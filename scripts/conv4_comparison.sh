@@ -41,7 +41,7 @@ if [[ "${CONV4_DRY_RUN:-0}" == 1 ]]; then
   TIMES=$SCRATCH/times.log
   SMALL=(--rounds=1 --max_examples_per_client=128)
   RETUNE=${RETUNE:-1}
-  COMPARE_EXTRA=(--method_configs="$METHODS_DIR" --compare_dir="$COMPARE_DIR" --seeds=1)
+  COMPARE_EXTRA=(--method_configs="$METHODS_DIR" --compare_dir="$COMPARE_DIR" --finished_runs= --seeds=1)
 else
   METHODS_DIR=experiments/configs/methods_conv4_cpu
   TUNE_DIR=runs/tune_conv4_cpu

@@ -384,3 +384,23 @@ def test_seed_curves_average_the_rounds_every_seed_evaluated(tmp_path):
     paths = plot_seeds({"fedavg": dirs}, str(tmp_path / "out"), target=0.5)
     assert [os.path.basename(p) for p in paths] == ["compare_seeds_accuracy.png", "compare_seeds_accuracy_vs_uplink.png"]
     assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_finished_records_are_brought_into_the_compare_dir_and_a_finished_run_there_is_kept(tmp_path, capsys):
+    from experiments.compare import bring_finished
+
+    source, target = tmp_path / "results", tmp_path / "runs"
+    for rel, finished in (("fedpm", True), ("noniid/fedpm", True), ("klms", False), ("fedavg", True)):
+        (source / rel).mkdir(parents=True)
+        (source / rel / "metrics.jsonl").write_text(f'{{"round": 1, "from": "{rel}"}}\n')
+        if finished:
+            (source / rel / "summary.json").write_text("{}")
+    (target / "fedavg").mkdir(parents=True)
+    (target / "fedavg" / "summary.json").write_text('{"here": 1}')
+    assert bring_finished(str(source), str(target)) == ["fedpm", "noniid/fedpm"]
+    assert (target / "noniid" / "fedpm" / "metrics.jsonl").read_text() == '{"round": 1, "from": "noniid/fedpm"}\n'
+    assert not (target / "klms").exists()  # no summary: not a finished run
+    assert (target / "fedavg" / "summary.json").read_text() == '{"here": 1}' and not (target / "fedavg" / "metrics.jsonl").exists()
+    bad = _compare_here(capsys, *SETTING, "--methods=fedpm", f"--finished_runs={tmp_path / 'nowhere'}",
+                        f"--compare_dir={target}")
+    assert bad.returncode == 2 and f"--finished_runs={tmp_path / 'nowhere'}: no such folder" in bad.stderr
