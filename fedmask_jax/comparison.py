@@ -22,8 +22,7 @@ def table_columns(declared: list[Shows] | None = None) -> list[tuple[str, str, s
     """(key, column header, format) of the comparison's Markdown table, in order: every run's
     figures and each coded uplink some method declares (``declared``: default, every
     registered method's)."""
-    declared = registry.declarations() if declared is None else declared
-    coded = dict.fromkeys(s.coded_uplink for s in declared if s.coded_uplink is not None)
+    coded = _coded_uplinks(declared)
     return [
         ("method", "method", "{}"),
         ("final_test_accuracy", "final test acc", "{:.4f}"),
@@ -36,6 +35,12 @@ def table_columns(declared: list[Shows] | None = None) -> list[tuple[str, str, s
         *((c.bpp, c.header, "{:.4f}") for c in coded),
         ("steady_round_time_s", "s/round", "{:.2f}"),
     ]
+
+
+def _coded_uplinks(declared: list[Shows] | None) -> list:
+    """Each distinct coded uplink the methods declare (default: every registered method's)."""
+    declared = registry.declarations() if declared is None else declared
+    return list(dict.fromkeys(s.coded_uplink for s in declared if s.coded_uplink is not None))
 
 
 def sweep_columns(declared: list[Shows] | None = None) -> list[str]:
@@ -121,11 +126,9 @@ def seeds_table(rows: list[dict], groups: dict[str, list[str]], declared: list[S
     target averages the seeds that reached it; "k/n reached" says when some did not."""
     import statistics
 
-    declared = registry.declarations() if declared is None else declared
-    coded = dict.fromkeys((c.bpp, c.header) for c in (s.coded_uplink for s in declared) if c is not None)
     columns = [("final_test_accuracy", "final test acc", "{:.4f}"), ("best_test_accuracy", "best test acc", "{:.4f}"),
                ("mean_uplink_bpp", "uplink bits/param/client", "{:.4f}"),
-               *((key, header, "{:.4f}") for key, header in coded),
+               *((c.bpp, c.header, "{:.4f}") for c in _coded_uplinks(declared)),
                ("rounds_to_target", "rounds to target", "{:.1f}"), ("uplink_mb_to_target", "uplink MB to target", "{:.2f}")]
 
     def cell(done: list[dict], key: str, fmt: str) -> str:
