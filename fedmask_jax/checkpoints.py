@@ -49,36 +49,41 @@ class _ClosedLoopTracebacksDropped:
     When one write of a save fails (a full disk), orbax closes the save's event loop while
     tensorstore's other writes are still in flight; each of them, finishing, tries to wake the
     closed loop and tensorstore prints that traceback, from its own threads, before and after
-    the save's exception has reached the run, which says what happened in one line. Any other
+    the save's exception has reached the run, which says what happened in one line. A
+    traceback is written a piece at a time, and another thread's line (the run's error line)
+    can land between its pieces, so what may be a traceback is held per thread. Any other
     text, tracebacks included, goes through unchanged."""
 
     _HEADER = "Traceback (most recent call last):"
 
     def __init__(self, stream):
         self.stream = stream
-        self._held = ""  # a traceback being written, until its last line says which
+        self._held: dict[int, str] = {}  # per thread: a traceback being written, until its last line says which
         self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
         with self._lock:
-            self._held += text
+            thread = threading.get_ident()
+            held = self._held.pop(thread, "") + text
             out = []
-            while self._held:
-                at = self._held.find(self._HEADER)
+            while held:
+                at = held.find(self._HEADER)
                 if at < 0:  # all goes through but what may be the beginning of a header
-                    keep = next((k for k in range(min(len(self._HEADER) - 1, len(self._held)), 0, -1)
-                                 if self._held.endswith(self._HEADER[:k])), 0)
-                    out.append(self._held[:len(self._held) - keep])
-                    self._held = self._held[len(self._held) - keep:]
+                    keep = next((k for k in range(min(len(self._HEADER) - 1, len(held)), 0, -1)
+                                 if held.endswith(self._HEADER[:k])), 0)
+                    out.append(held[:len(held) - keep])
+                    held = held[len(held) - keep:]
                     break
-                out.append(self._held[:at])
-                self._held = self._held[at:]
-                end = self._end_of_traceback()
+                out.append(held[:at])
+                held = held[at:]
+                end = self._end_of_traceback(held)
                 if end is None:
                     break
-                block, self._held = self._held[:end], self._held[end:]
+                block, held = held[:end], held[end:]
                 if block.rstrip("\n").rsplit("\n", 1)[-1] != "RuntimeError: Event loop is closed":
                     out.append(block)
+            if held:
+                self._held[thread] = held
             if any(out):
                 self.stream.write("".join(out))
         return len(text)
@@ -86,19 +91,21 @@ class _ClosedLoopTracebacksDropped:
     def release(self):
         """What is held goes through; the stream it wraps is stderr again."""
         with self._lock:
-            if self._held:
-                self.stream.write(self._held)
-                self._held = ""
+            held, self._held = "".join(self._held.values()), {}
+            if held:
+                self.stream.write(held)
         return self.stream
 
-    def _end_of_traceback(self) -> int | None:
-        """Where the held traceback's exception line ends, or None if it is not all here."""
-        at = len(self._HEADER) + 1
+    @classmethod
+    def _end_of_traceback(cls, held: str) -> int | None:
+        """Where the traceback at the start of ``held`` ends its exception line, or None if it
+        is not all here."""
+        at = len(cls._HEADER) + 1
         while True:
-            nl = self._held.find("\n", at)
+            nl = held.find("\n", at)
             if nl < 0:
                 return None
-            line = self._held[at:nl]
+            line = held[at:nl]
             if line and not line[0].isspace():
                 return nl + 1
             at = nl + 1

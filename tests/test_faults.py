@@ -507,3 +507,39 @@ def test_stderr_during_a_save_loses_only_the_closed_loop_tracebacks_however_they
     assert sink.getvalue() == "held until released: "
     stream.release()
     assert sink.getvalue() == "held until released: Trace"
+
+
+def test_a_line_from_another_thread_inside_a_closed_loop_traceback_goes_through_alone():
+    """CI's failure: tensorstore's thread had written the traceback's first lines when the
+    run's error line came from the main thread, and the rest of the traceback came after."""
+    import io
+    import threading
+    import traceback
+
+    from fedmask_jax.checkpoints import _ClosedLoopTracebacksDropped
+
+    try:
+        raise RuntimeError("Event loop is closed")
+    except RuntimeError:
+        closed = traceback.format_exc()
+    lines = closed.splitlines(keepends=True)
+    first, rest = "".join(lines[:2]), "".join(lines[2:])  # the header and its first frame, then the rest
+    assert lines[0].startswith("Traceback") and rest.endswith("RuntimeError: Event loop is closed\n")
+    sink = io.StringIO()
+    stream = _ClosedLoopTracebacksDropped(sink)
+    writer_started, error_written = threading.Event(), threading.Event()
+
+    def tensorstore_thread():
+        stream.write(first)
+        writer_started.set()
+        error_written.wait(10)
+        stream.write(rest)
+
+    thread = threading.Thread(target=tensorstore_thread)
+    thread.start()
+    writer_started.wait(10)
+    stream.write("error: /w/checkpoints: No space left on device while writing checkpoint 2\n")
+    error_written.set()
+    thread.join(10)
+    stream.release()
+    assert sink.getvalue() == "error: /w/checkpoints: No space left on device while writing checkpoint 2\n"
