@@ -20,7 +20,7 @@ from fedmask_jax.data import DATASETS, SPLITS
 
 # Settings that do not change what a run computes: a resumed run may differ in them (a workdir
 # or data folder that was moved or copied still holds the same run; more rounds continue it).
-RESUME_NEUTRAL = ("resume", "allow_config_change", "verbose", "checkpoint_every", "tensorboard",
+RESUME_NEUTRAL = ("resume", "allow_config_change", "verbose", "checkpoint_every", "tensorboard", "plots",
                   "workdir", "data_dir", "archive_dir", "download", "rounds")
 
 
@@ -110,6 +110,9 @@ class RunConfig:
                                   "there: it is meant for GPUs.", choices=conv.PRECISIONS)
     num_devices: int = setting(0, "Devices on the 'clients' mesh axis (0 = all local devices).", min=0)
     tensorboard: bool = setting(True, "Write TensorBoard scalars to <workdir>/tensorboard.")
+    plots: bool = setting(True, "Draw accuracy.png, loss.png and accuracy_vs_uplink.png in <workdir> at the "
+                          "end (a sweep of many runs may leave them to experiments.plot, "
+                          "which draws them from metrics.jsonl).")
     checkpoint_every: int = setting(0, "Save a checkpoint every N rounds in <workdir>/checkpoints "
                                     "(0 = never).", min=0)
     resume: bool = setting(False, "Continue the run in --workdir from its latest checkpoint.")

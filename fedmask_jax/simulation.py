@@ -103,7 +103,8 @@ def _execute(cfgs, workdirs, checkpointer, t_start, extra_sinks, console_to_log,
                 log = open(os.path.join(w, console_to_log), "a", buffering=1) if console_to_log and c.verbose else None
                 logs += [log] if log else []
                 run_sinks[:0] = sinks.default_sinks(w, c.rounds, history, verbose=c.verbose,
-                                                    tensorboard=c.tensorboard, console=log, shows=exp.spec.shows)
+                                                    tensorboard=c.tensorboard, plots=c.plots, console=log,
+                                                    shows=exp.spec.shows)
             for sink in run_sinks:
                 sink.open(header)
             tracks.append(loop.Track(run, history, run_sinks))

@@ -277,7 +277,8 @@ class SummaryFile(Sink):
 
 
 def default_sinks(workdir: str, total_rounds: int, history: History, *, verbose: bool,
-                  tensorboard: bool, console: TextIO | None = None, shows: Shows = Shows()) -> list[Sink]:
+                  tensorboard: bool, plots: bool = True, console: TextIO | None = None,
+                  shows: Shows = Shows()) -> list[Sink]:
     """What ``experiments.run`` writes: console (stdout, or ``console``), metrics.jsonl,
     TensorBoard, plots, summary. ``history``: the rounds restored from a checkpoint;
     ``shows``: the fields the run's method declares (``MethodSpec.shows``)."""
@@ -287,5 +288,7 @@ def default_sinks(workdir: str, total_rounds: int, history: History, *, verbose:
     sinks.append(metrics)
     if tensorboard:
         sinks.append(TensorBoard(os.path.join(workdir, "tensorboard"), history.rounds_done))
-    sinks += [Plots(workdir, shows), SummaryFile(os.path.join(workdir, "summary.json"))]
+    if plots:
+        sinks.append(Plots(workdir, shows))
+    sinks.append(SummaryFile(os.path.join(workdir, "summary.json")))
     return sinks

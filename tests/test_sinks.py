@@ -116,6 +116,9 @@ def test_default_sinks_give_the_console_and_plots_the_methods_declaration(tmp_pa
     quiet = sinks.default_sinks(str(tmp_path), 5, History(), verbose=False, tensorboard=False)
     assert [type(s).__name__ for s in quiet] == ["MetricsJsonl", "Plots", "SummaryFile"]
     quiet[0].close(None)
+    unplotted = sinks.default_sinks(str(tmp_path), 5, History(), verbose=False, tensorboard=False, plots=False)
+    assert [type(s).__name__ for s in unplotted] == ["MetricsJsonl", "SummaryFile"]
+    unplotted[0].close(None)
 
 
 def test_metrics_jsonl_writes_evaluated_rounds_as_strict_sorted_json(tmp_path):
