@@ -105,6 +105,6 @@ def test_build_resolves_client_grad(model, chunk, flag, backend, expected, monke
     monkeypatch.setattr(experiment.jax, "default_backend", lambda: backend)
     cfg = RunConfig(dataset="digits", model=model, width=0.125, mlp_hidden=(32,), num_clients=4,
                     clients_per_round=4, batch_size=16, client_chunk_size=chunk, strategy="scan",
-                    client_grad=flag, verbose=False, tensorboard=False, method={"coded_uplink": False})
+                    client_grad=flag, verbose=False, tensorboard=False, plots=False, method={"coded_uplink": False})
     exp = experiment.build(cfg)
     assert exp.engine_config.client_grad == expected

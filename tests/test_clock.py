@@ -136,7 +136,7 @@ def test_the_round_hands_back_each_clients_message_in_cohort_order(chunk):
 
 
 TINY = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=6, clients_per_round=4,
-                 rounds=3, local_epochs=1, batch_size=32, verbose=False, tensorboard=False)
+                 rounds=3, local_epochs=1, batch_size=32, verbose=False, tensorboard=False, plots=False)
 
 
 def _records(workdir):
@@ -179,7 +179,7 @@ def test_a_round_every_client_dropped_from_still_counts_their_download(tmp_path)
     server's broadcast) while it has no client means."""
     (tmp_path / "speeds.csv").write_text("1\n0.5\n" * 4)
     cfg = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=8, clients_per_round=1, rounds=6,
-                    local_epochs=1, batch_size=32, verbose=False, tensorboard=False, algorithm="fedavg",
+                    local_epochs=1, batch_size=32, verbose=False, tensorboard=False, plots=False, algorithm="fedavg",
                     local_work=f"csv:{tmp_path / 'speeds.csv'}", straggler_policy="drop",
                     downlink_mbps="1", latency_s="0.1", workdir=str(tmp_path / "run"))
     summary = run(cfg)

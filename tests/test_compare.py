@@ -46,7 +46,7 @@ def _compare_here(capsys, *args):
 
 SETTING = ["--dataset=digits", "--model=mlp", "--mlp_hidden=32", "--num_clients=4",
            "--clients_per_round=3", "--rounds=3", "--local_epochs=1", "--batch_size=32",
-           "--eval_every=1", "--notensorboard"]
+           "--eval_every=1", "--notensorboard", "--noplots"]
 
 
 @pytest.mark.slow

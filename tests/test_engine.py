@@ -94,11 +94,12 @@ def test_auto_chunk_size():
     assert engine.auto_chunk_size(8, 10_000_000, conv=False, backend="cpu") == 2
 
 
-@pytest.mark.parametrize("persistent", [False, True])
-@pytest.mark.parametrize("chunk", [1, 2])
+# Each value of each factor once, not crossed (an unvmapped chunk without client state, a
+# vmapped one with it): each case compiles two round programs (docs/benchmarks.md, "The suite").
+@pytest.mark.parametrize("chunk, persistent", [(1, False), (2, True)])
 def test_both_loops_give_the_same_round(chunk, persistent):
-    """Every strategy x vmapped/unvmapped chunk x with/without persistent client state, with
-    messages collected: compiled ahead of time, then run, the two loops agree."""
+    """Both strategies, an unvmapped or a vmapped chunk, without or with persistent client
+    state, messages collected: compiled ahead of time, then run, the two loops agree."""
     data, _ = digits_client_data(num_clients=4)
     data = data._replace(sizes=data.sizes.at[1].set(90))  # unequal sizes: skipped steps
     alg = small_fedpm(persistent_client_optimizer=persistent)

@@ -20,7 +20,7 @@ from tests.helpers import wait_for_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = RunConfig(dataset="digits", mlp_hidden=(16,), num_clients=4, clients_per_round=3, rounds=4,
                  local_epochs=1, batch_size=32, eval_every=1, checkpoint_every=1, verbose=False,
-                 tensorboard=False, method={"persistent_client_optimizer": True})
+                 tensorboard=False, plots=False, method={"persistent_client_optimizer": True})
 
 
 def _records(workdir):
@@ -128,7 +128,7 @@ def test_too_many_classes_per_client_is_refused(tmp_path, no_compiling):
 
 @pytest.mark.slow
 def test_results_are_written_with_the_usual_file_mode(tmp_path):
-    run(dataclasses.replace(TINY, workdir=str(tmp_path), rounds=1))
+    run(dataclasses.replace(TINY, workdir=str(tmp_path), rounds=1, plots=True))
     plain = tmp_path / "plain"
     plain.write_text("x")
     for name in ("config.json", "metrics.jsonl", "summary.json", "model.fmjx", "accuracy.png"):
@@ -158,7 +158,7 @@ def _cli(*args):
 
 
 FLAGS = ["--dataset=digits", "--mlp_hidden=16", "--num_clients=4", "--clients_per_round=3",
-         "--local_epochs=1", "--batch_size=32", "--notensorboard"]
+         "--local_epochs=1", "--batch_size=32", "--notensorboard", "--noplots"]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from fedmask_jax.simulation import RunConfig, run
 from tests.helpers import DIGITS_ARCH, digits_client_data, run_round, small_fedpm
 
 TINY = RunConfig(dataset="digits", model="mlp", mlp_hidden=(32,), num_clients=6, clients_per_round=3,
-                 rounds=6, local_epochs=1, batch_size=32, verbose=False, tensorboard=False)
+                 rounds=6, local_epochs=1, batch_size=32, verbose=False, tensorboard=False, plots=False)
 
 
 def _dp_fedavg(**settings):

@@ -15,7 +15,7 @@ from fedmask_jax.simulation import RunConfig, run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--dataset=digits", "--model=mlp", "--mlp_hidden=16", "--num_clients=4",
          "--clients_per_round=3", "--rounds=30", "--local_epochs=1", "--batch_size=32",
-         "--eval_every=2", "--checkpoint_every=2", "--persistent_client_optimizer"]
+         "--eval_every=2", "--checkpoint_every=2", "--persistent_client_optimizer", "--noplots"]
 
 
 def _cli(*args, **kw):
@@ -137,7 +137,7 @@ def test_dense_method_with_client_memory_and_server_adam_resumes_exactly(tmp_pat
     """Top-k's per-client error memory and the server's Adam moments survive a checkpoint."""
     cfg = RunConfig(dataset="digits", model="mlp", mlp_hidden=(16,), num_clients=4,
                     clients_per_round=2, rounds=4, local_epochs=1, batch_size=32,
-                    algorithm="topk", checkpoint_every=2, verbose=False, tensorboard=False,
+                    algorithm="topk", checkpoint_every=2, verbose=False, tensorboard=False, plots=False,
                     method={"topk_fraction": 0.05, "server_optimizer": "adam", "server_lr": 0.01})
     clean = run(dataclasses.replace(cfg, workdir=str(tmp_path / "clean")))
     half = str(tmp_path / "half")

@@ -18,7 +18,7 @@ KEYS = ("test_accuracy", "test_loss", "train_loss", "uplink_bpp", "cumulative_up
 MASK_KEYS = ("test_accuracy_thresholded", "mask_density", "uplink_bpp_coded_prior", "uplink_bpp_coded_global")
 
 BASE = RunConfig(dataset="digits", mlp_hidden=(32,), num_clients=6, clients_per_round=4, rounds=2,
-                 local_epochs=1, batch_size=32, verbose=False, tensorboard=False)
+                 local_epochs=1, batch_size=32, verbose=False, tensorboard=False, plots=False)
 
 
 def _rows(workdir):
@@ -120,7 +120,7 @@ assert len(jax.devices()) == 8, jax.devices()
 from fedmask_jax.simulation import execute_runs, run
 d = sys.argv[1]
 base = RunConfig(dataset="digits", mlp_hidden=(32,), num_clients=8, clients_per_round=4, rounds=2,
-                 local_epochs=1, batch_size=32, verbose=False, tensorboard=False, client_chunk_size=1)
+                 local_epochs=1, batch_size=32, verbose=False, tensorboard=False, plots=False, client_chunk_size=1)
 cfgs = [dataclasses.replace(base, algorithm="fedpm", seed=0, method={"client_lr": 0.05}),
         dataclasses.replace(base, algorithm="fedpm", seed=1, method={"client_lr": 0.2}),
         dataclasses.replace(base, algorithm="fedpm", seed=2, split="dirichlet"),

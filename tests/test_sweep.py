@@ -15,7 +15,7 @@ def _sweep(tmp_path, *extra):
     flagfile = tmp_path / "tiny.flags"
     flagfile.write_text("\n".join([
         "--dataset=digits", "--model=mlp", "--mlp_hidden=16", "--num_clients=4",
-        "--clients_per_round=2", "--rounds=2", "--local_epochs=1", "--batch_size=32"]))
+        "--clients_per_round=2", "--rounds=2", "--local_epochs=1", "--batch_size=32", "--noplots"]))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, "-m", "experiments.sweep", f"--flagfile={flagfile}",
