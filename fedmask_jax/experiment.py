@@ -34,7 +34,7 @@ RUN_VARYING = ("seed", "split", "classes_per_client", "dirichlet_alpha", "max_ex
                "availability", "local_work", "round_deadline", "straggler_policy", "uplink_mbps",
                "downlink_mbps", "latency_s", "staleness")
 # Settings that say where and how results are written, not what is computed.
-OUTPUT_ONLY = ("workdir", "verbose", "tensorboard", "checkpoint_every", "resume",
+OUTPUT_ONLY = ("workdir", "verbose", "tensorboard", "plots", "checkpoint_every", "resume",
                "allow_config_change", "data_dir", "archive_dir", "download")
 
 

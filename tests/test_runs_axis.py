@@ -99,6 +99,7 @@ def test_shape_key_groups_what_can_share_a_program():
     assert key(BASE) == key(dataclasses.replace(BASE, seed=5, workdir="x", method={"client_lr": 0.3,
                                                                                  "lambda0": 3.0}))
     assert key(BASE) == key(dataclasses.replace(BASE, split="noniid", classes_per_client=2))
+    assert key(BASE) == key(dataclasses.replace(BASE, plots=True, tensorboard=True, verbose=True))  # outputs only
     for changed in ({"batch_size": 16}, {"clients_per_round": 3}, {"local_epochs": 2}, {"mlp_hidden": (16,)},
                     {"algorithm": "fedavg"}, {"method": {"verify_coded_clients": "2"}}):
         assert key(BASE) != key(dataclasses.replace(BASE, **changed)), changed
